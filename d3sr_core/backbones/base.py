@@ -1,0 +1,62 @@
+"""What every backbone hands to the generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..generator import PredictFn
+
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
+
+
+def detect_family_from_unet_config(config: dict) -> str:
+    """``"sdxl"``, ``"sd1"`` or ``"sd2"`` from a ``UNet2DConditionModel`` config.
+
+    SDXL adds ``text_time`` embeddings; SD 1.x cross-attends to 768-wide CLIP-L tokens; everything else (SD 2.x
+    with its 1024-wide OpenCLIP tokens, and the small SD 2.x-shaped models this project builds) counts as SD 2.x.
+    """
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if config.get("cross_attention_dim") == 768:
+        return "sd1"
+    return "sd2"
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model.
+
+    Attributes:
+        family: one of ``FAMILIES``.
+        denoiser: the UNet (or transformer).
+        vae: the ``AutoencoderKL``.
+        predict_fn: how to call ``denoiser`` (see ``generator.PredictFn``).
+        scheduler_config: the diffusers scheduler config (noise schedule, prediction type, clip_sample).
+        source: where it was loaded from, for messages.
+        prompt_encoder: turns a prompt into conditioning tensors; ``None`` when the base has no text encoder.
+    """
+
+    family: str
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module
+    predict_fn: PredictFn
+    scheduler_config: dict
+    source: Path
+    prompt_encoder: Callable[[str], dict[str, torch.Tensor]] | None = None
+    _prompt_cache: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def encode_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
+        """Conditioning tensors for ``prompt`` (each with batch dimension 1), computed once per prompt and cached."""
+        if prompt not in self._prompt_cache:
+            if self.prompt_encoder is None:
+                raise ValueError(
+                    f"The base model at {self.source} has no text encoder, so the prompt {prompt!r} cannot be encoded: "
+                    "use a checkpoint that stores its prompt embedding, or a base model that includes its text encoder."
+                )
+            with torch.no_grad():
+                self._prompt_cache[prompt] = self.prompt_encoder(prompt)
+        return self._prompt_cache[prompt]

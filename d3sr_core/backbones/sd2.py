@@ -1,0 +1,167 @@
+"""Stable Diffusion 2.x bases: ``UNet2DConditionModel`` (epsilon or v prediction) + ``AutoencoderKL`` + OpenCLIP text encoder.
+
+Configs for SD 2.1-base ship in ``configs/sd21_base`` so a single-file checkpoint needs nothing from a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+
+from ..files import ModelFileError, read_state_dict
+from .base import BaseModel, detect_family_from_unet_config
+
+SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs" / "sd21_base"
+LDM_UNET_PROBE_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+LDM_VAE_PROBE_KEY = "first_stage_model.decoder.conv_in.weight"
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+
+SD2_BOS, SD2_EOS, SD2_PAD = 49406, 49407, 0
+"""OpenCLIP token ids; SD 2.x's tokenizer pads with ``!`` (id 0), unlike SD 1.x which pads with end-of-text."""
+
+
+def predict_unet(unet: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+    return unet(latents, timestep, encoder_hidden_states=conditioning["prompt_embeds"]).sample
+
+
+def _empty_prompt_ids(length: int) -> torch.Tensor:
+    return torch.tensor([[SD2_BOS, SD2_EOS] + [SD2_PAD] * (length - 2)])
+
+
+def make_prompt_encoder(text_encoder: torch.nn.Module, tokenizer, source: Path):
+    """A function ``prompt -> {"prompt_embeds": (1, 77, D)}``: the last hidden state, as OSEDiff takes it.
+
+    Without a tokenizer (single-file bases carry none) only the empty prompt can be encoded.
+    """
+
+    def encode(prompt: str) -> dict[str, torch.Tensor]:
+        length = text_encoder.config.max_position_embeddings
+        if tokenizer is not None:
+            ids = tokenizer(
+                prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
+        elif prompt == "":
+            ids = _empty_prompt_ids(length)
+        else:
+            raise ValueError(
+                f"The base model at {source} has no tokenizer, so only the empty prompt can be used, not {prompt!r}: "
+                "use a diffusers folder (with tokenizer/) as the base to encode other prompts."
+            )
+        device = next(text_encoder.parameters()).device
+        return {"prompt_embeds": text_encoder(ids.to(device))[0].float().cpu()}
+
+    return encode
+
+
+def _read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _from_diffusers_folder(path: Path, load_text_encoder: bool) -> BaseModel:
+    for sub in ("unet", "vae"):
+        if not (path / sub / "config.json").is_file():
+            raise ModelFileError(f"{path} is not a diffusers SD 2.x folder: {sub}/config.json is missing.")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler_config = _read_json(scheduler_file if scheduler_file.is_file() else SHIPPED_CONFIG_DIR / "scheduler.json")
+    prompt_encoder = None
+    if load_text_encoder and (path / "text_encoder" / "config.json").is_file():
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True).eval()
+        tokenizer = None
+        if (path / "tokenizer").is_dir():
+            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+        prompt_encoder = make_prompt_encoder(text_encoder, tokenizer, path)
+    return BaseModel(
+        family=detect_family_from_unet_config(dict(unet.config)),
+        denoiser=unet,
+        vae=vae,
+        predict_fn=predict_unet,
+        scheduler_config=scheduler_config,
+        source=path,
+        prompt_encoder=prompt_encoder,
+    )
+
+
+def _load_strict(model: torch.nn.Module, state: dict, path: Path, what: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ModelFileError(
+            f"{path} is not a single-file SD 2.x checkpoint matching the {what} config: "
+            f"{len(missing)} {what} weights are missing, such as {missing[0]!r}."
+        )
+    for key, value in expected.items():
+        if state[key].shape != value.shape:
+            raise ModelFileError(
+                f"{path} does not match the {what} config: {key!r} has shape {tuple(state[key].shape)}, "
+                f"expected {tuple(value.shape)} (pass the matching base config folder)."
+            )
+    model.load_state_dict({k: state[k] for k in expected})
+
+
+def _from_single_file(path: Path, config_dir: Path, load_text_encoder: bool) -> BaseModel:
+    what = "a single-file SD 2.x checkpoint (original key layout)"
+    checkpoint = read_state_dict(path, what)
+    if LDM_UNET_PROBE_KEY not in checkpoint or LDM_VAE_PROBE_KEY not in checkpoint:
+        raise ModelFileError(f"{path} has no UNet and VAE in the original key layout; expected {what}.")
+    unet_config = _read_json(config_dir / "unet.json")
+    context_key = next((k for k in checkpoint if k.endswith("attn2.to_k.weight")), None)
+    if context_key is not None and checkpoint[context_key].shape[1] != unet_config["cross_attention_dim"]:
+        raise ModelFileError(
+            f"{path} cross-attends to {checkpoint[context_key].shape[1]}-wide text tokens, "
+            f"so it is not an SD 2.x model (which uses {unet_config['cross_attention_dim']})."
+        )
+    unet = UNet2DConditionModel.from_config(unet_config)
+    _load_strict(unet, convert_ldm_unet_checkpoint(checkpoint, unet_config), path, "UNet")
+    vae_config = _read_json(config_dir / "vae.json")
+    vae = AutoencoderKL.from_config(vae_config)
+    _load_strict(vae, convert_ldm_vae_checkpoint(checkpoint, vae_config), path, "VAE")
+    prompt_encoder = None
+    text_config_file = config_dir / "text_encoder.json"
+    has_text = any(k.startswith(OPEN_CLIP_PREFIX) for k in checkpoint)
+    if load_text_encoder and has_text and text_config_file.is_file():
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_read_json(text_config_file))).eval()
+        converted = convert_open_clip_checkpoint(text_encoder, checkpoint, prefix=OPEN_CLIP_PREFIX)
+        buffers = {k: v for k, v in text_encoder.state_dict().items() if k.endswith("position_ids")}
+        _load_strict(text_encoder, {**buffers, **converted}, path, "text encoder")
+        prompt_encoder = make_prompt_encoder(text_encoder, None, path)
+    return BaseModel(
+        family=detect_family_from_unet_config(unet_config),
+        denoiser=unet,
+        vae=vae,
+        predict_fn=predict_unet,
+        scheduler_config=_read_json(config_dir / "scheduler.json"),
+        source=path,
+        prompt_encoder=prompt_encoder,
+    )
+
+
+def load_sd2_base(
+    path: str | os.PathLike, config_dir: str | os.PathLike | None = None, *, load_text_encoder: bool = True
+) -> BaseModel:
+    """Load an SD 2.x base from a diffusers folder or a single ``.safetensors``/``.ckpt`` file (fp32, CPU, eval)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path} does not exist; expected an SD 2.x base model (diffusers folder or single file).")
+    if path.is_dir():
+        base = _from_diffusers_folder(path, load_text_encoder)
+    else:
+        base = _from_single_file(path, Path(config_dir) if config_dir else SHIPPED_CONFIG_DIR, load_text_encoder)
+    base.denoiser.eval().requires_grad_(False)
+    base.vae.eval().requires_grad_(False)
+    return base

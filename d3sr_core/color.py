@@ -1,0 +1,64 @@
+"""Colour fixes: give the super-resolved image the colours of its (upsampled) low-resolution source.
+
+Both follow StableSR's ``wavelet_color_fix.py``, which OSEDiff and TSD-SR reuse. Images are float tensors
+``(B, 3, H, W)``; the result is clamped to [0, 1] as the official code does on its way back to PIL.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+COLOR_FIXES = ("wavelet", "adain", "none")
+WAVELET_LEVELS = 5
+ADAIN_EPS = 1e-5
+
+
+def channel_mean_std(image: torch.Tensor, eps: float = ADAIN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-channel mean and ``sqrt(unbiased variance + eps)``, each ``(B, C, 1, 1)``."""
+    flat = image.reshape(*image.shape[:2], -1)
+    std = (flat.var(dim=2) + eps).sqrt()
+    return flat.mean(dim=2)[..., None, None], std[..., None, None]
+
+
+def adain_color_fix(content: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Adaptive instance normalisation: ``(content - mu_c) / sigma_c * sigma_s + mu_s`` per channel, clamped to [0, 1]."""
+    content_mean, content_std = channel_mean_std(content)
+    source_mean, source_std = channel_mean_std(source)
+    return ((content - content_mean) / content_std * source_std + source_mean).clamp(0, 1)
+
+
+def wavelet_blur(image: torch.Tensor, radius: int) -> torch.Tensor:
+    """One "a trous" level: the 3x3 kernel [[1,2,1],[2,4,2],[1,2,1]]/16 with dilation ``radius``, replicate padding."""
+    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=image.dtype, device=image.device)
+    kernel = (kernel / 16).expand(image.shape[1], 1, 3, 3)
+    padded = F.pad(image, (radius, radius, radius, radius), mode="replicate")
+    return F.conv2d(padded, kernel, groups=image.shape[1], dilation=radius)
+
+
+def wavelet_decomposition(image: torch.Tensor, levels: int = WAVELET_LEVELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(high, low)`` with ``image = high + low``; ``low`` is the image blurred at radii 1, 2, ..., 2^(levels-1)."""
+    high = torch.zeros_like(image)
+    for level in range(levels):
+        low = wavelet_blur(image, 2**level)
+        high = high + (image - low)
+        image = low
+    return high, image
+
+
+def wavelet_color_fix(content: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """High frequencies of ``content`` plus low frequencies of ``source``, clamped to [0, 1]."""
+    content_high, _ = wavelet_decomposition(content)
+    _, source_low = wavelet_decomposition(source)
+    return (content_high + source_low).clamp(0, 1)
+
+
+def apply_color_fix(method: str, content: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Colour-fix ``content`` ``(B, 3, H, W)`` in [0, 1] toward ``source`` of the same shape with ``method``."""
+    if method == "wavelet":
+        return wavelet_color_fix(content, source)
+    if method == "adain":
+        return adain_color_fix(content, source)
+    if method == "none":
+        return content
+    raise ValueError(f"color fix {method!r} is not one of {COLOR_FIXES}.")

@@ -1,0 +1,217 @@
+"""The one step: encode the upsampled low-resolution image, predict once, recover the clean latent, decode.
+
+The formulas are small pure functions so each can be checked against the paper on its own:
+
+* epsilon prediction (OSEDiff, D3SR; DDPM eq. 15 solved for x0):
+  ``x0 = (z_t - sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_bar_t)``
+* v prediction (Salimans & Ho 2022, sec. 4): ``x0 = sqrt(alpha_bar_t) * z_t - sqrt(1 - alpha_bar_t) * v``
+* rectified-flow velocity (TSD-SR at sigma = 1): ``x0 = z_t - sigma * v``
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from .tiling import gaussian_blend_predictions, tiled_vae_apply
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+
+
+def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
+    """``alpha_bar_t`` for t = 0..T-1 from a diffusers scheduler config, computed as ``DDPMScheduler`` does (float32).
+
+    Returns a float32 tensor of shape ``(num_train_timesteps,)``.
+    """
+    steps = int(config["num_train_timesteps"])
+    start, end = float(config["beta_start"]), float(config["beta_end"])
+    schedule = config.get("beta_schedule", "linear")
+    if config.get("trained_betas") is not None:
+        betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
+    elif schedule == "scaled_linear":
+        betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float32) ** 2
+    elif schedule == "linear":
+        betas = torch.linspace(start, end, steps, dtype=torch.float32)
+    else:
+        raise ValueError(f"beta_schedule {schedule!r} is not supported; expected 'scaled_linear' or 'linear'.")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def x0_from_epsilon(z_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """Clean latent from an epsilon prediction, in the operation order of ``DDPMScheduler.step`` (bit-equal to it)."""
+    beta_bar_t = 1 - alpha_bar_t
+    return (z_t - beta_bar_t ** (0.5) * eps) / alpha_bar_t ** (0.5)
+
+
+def x0_from_v(z_t: torch.Tensor, v: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """Clean latent from a v prediction: ``sqrt(alpha_bar) * z_t - sqrt(1 - alpha_bar) * v``."""
+    return alpha_bar_t ** (0.5) * z_t - (1 - alpha_bar_t) ** (0.5) * v
+
+
+def x0_from_flow_velocity(z_t: torch.Tensor, v: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Clean latent on the rectified-flow path ``z_t = (1 - sigma) x0 + sigma * noise``, whose velocity is ``noise - x0``."""
+    return z_t - sigma * v
+
+
+def _tick(progress: Callable[[], None] | None) -> None:
+    if progress is not None:
+        progress()
+
+
+PredictFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+"""``predict_fn(denoiser, latents, timestep, conditioning) -> prediction``; each backbone supplies its own."""
+
+
+class OneStepGenerator(torch.nn.Module):
+    """A VAE and a denoiser that super-resolve in one denoiser pass.
+
+    Args:
+        vae: an ``AutoencoderKL`` (its encoder may carry LoRA adapters).
+        denoiser: the UNet or transformer (may carry LoRA adapters).
+        predict_fn: how the backbone calls ``denoiser``.
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"flow"``.
+        timestep: the one timestep the denoiser sees (999 for OSEDiff, 1000 for TSD-SR).
+        alphas_cumprod: ``(T,)`` float32 ``alpha_bar`` table (epsilon and v prediction only).
+        clip_sample_range: clamp x0 to ``[-r, r]`` as a scheduler with ``clip_sample`` does; ``None`` for no clamp.
+        latent_scaling_factor: multiplies the VAE posterior to give model latents (0.18215 for SD 2.x).
+        conditioning: tensors passed to ``predict_fn`` (prompt embeddings), each with a leading batch dimension of 1.
+    """
+
+    def __init__(
+        self,
+        vae: torch.nn.Module,
+        denoiser: torch.nn.Module,
+        predict_fn: PredictFn,
+        *,
+        prediction_type: str,
+        timestep: int,
+        alphas_cumprod: torch.Tensor | None,
+        clip_sample_range: float | None,
+        latent_scaling_factor: float,
+        conditioning: dict[str, torch.Tensor],
+    ):
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}.")
+        if prediction_type != "flow" and (alphas_cumprod is None or not 0 <= timestep < len(alphas_cumprod)):
+            raise ValueError(f"timestep {timestep} is outside the noise schedule of the base model.")
+        self.vae = vae
+        self.denoiser = denoiser
+        self.predict_fn = predict_fn
+        self.prediction_type = prediction_type
+        self.timestep = int(timestep)
+        self.alphas_cumprod = alphas_cumprod
+        self.clip_sample_range = clip_sample_range
+        self.latent_scaling_factor = float(latent_scaling_factor)
+        self.conditioning = dict(conditioning)
+
+    @property
+    def denoiser_dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def encode_moments(self, image: torch.Tensor) -> torch.Tensor:
+        """VAE posterior moments ``(B, 2*C, H/8, W/8)`` (mean and log-variance) of ``image`` ``(B, 3, H, W)`` in [-1, 1]."""
+        hidden = self.vae.encoder(image.to(self.vae_dtype))
+        if getattr(self.vae, "quant_conv", None) is not None:
+            hidden = self.vae.quant_conv(hidden)
+        return hidden
+
+    def encode(
+        self,
+        image: torch.Tensor,
+        *,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        tile_size: int | None = None,
+        tile_padding: int = 32,
+        progress: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """Model latents ``(B, C, H/8, W/8)``, already multiplied by the scaling factor.
+
+        ``sample=False`` takes the posterior mode (deterministic); ``sample=True`` draws from it with ``generator``,
+        as the official OSEDiff and TSD-SR scripts do (unseeded there). ``tile_size`` (pixels) enables the tiled encoder.
+        """
+        if tile_size:
+            moments = tiled_vae_apply(
+                self.encode_moments, self.vae.encoder, image, tile_size, tile_padding, 1 / 8, progress
+            )
+        else:
+            moments = self.encode_moments(image)
+            _tick(progress)
+        posterior = DiagonalGaussianDistribution(moments.float())
+        latents = posterior.sample(generator=generator) if sample else posterior.mode()
+        return latents * self.latent_scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.vae_dtype) / self.latent_scaling_factor).sample
+
+    def decode(
+        self,
+        latents: torch.Tensor,
+        *,
+        tile_size: int | None = None,
+        tile_padding: int = 11,
+        progress: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """Image ``(B, 3, 8H, 8W)`` in [-1, 1] (clamped) from model latents; ``tile_size`` (latent px) enables tiling."""
+        if tile_size:
+            image = tiled_vae_apply(self.decode_latents, self.vae.decoder, latents, tile_size, tile_padding, 8, progress)
+        else:
+            image = self.decode_latents(latents)
+            _tick(progress)
+        return image.float().clamp(-1, 1)
+
+    def predict(self, latents: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output at the generator's timestep for latents ``(B, C, h, w)``; float32 ``(B, C, h, w)``."""
+        batch = latents.shape[0]
+        timestep = torch.full((batch,), self.timestep, device=latents.device, dtype=torch.long)
+        if self.prediction_type == "flow":
+            timestep = timestep.float()
+        conditioning = {
+            k: v.to(device=latents.device, dtype=self.denoiser_dtype).expand(batch, *v.shape[1:])
+            for k, v in self.conditioning.items()
+        }
+        return self.predict_fn(self.denoiser, latents.to(self.denoiser_dtype), timestep, conditioning).float()
+
+    def x0(self, latents: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """The clean latent from the denoiser's ``prediction`` at the generator's timestep."""
+        if self.prediction_type == "flow":
+            x0 = x0_from_flow_velocity(latents, prediction, sigma=1.0)
+        else:
+            alpha_bar = self.alphas_cumprod[self.timestep].to(latents.device)
+            if self.prediction_type == "epsilon":
+                x0 = x0_from_epsilon(latents, prediction, alpha_bar)
+            else:
+                x0 = x0_from_v(latents, prediction, alpha_bar)
+        if self.clip_sample_range is not None:
+            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        return x0
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        *,
+        tile_size: int | None = None,
+        tile_overlap: int = 0,
+        tile_batch_size: int = 1,
+        progress: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """x0 from ``latents``; with ``tile_size`` the prediction is made per tile and Gaussian-blended first."""
+        if tile_size:
+            prediction = gaussian_blend_predictions(
+                self.predict, latents, tile_size, tile_overlap, progress, tile_batch_size
+            )
+        else:
+            prediction = self.predict(latents)
+            _tick(progress)
+        return self.x0(latents, prediction)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Untiled one-step SR of ``image`` ``(B, 3, H, W)`` in [-1, 1] (H, W multiples of 8) to the same size."""
+        return self.decode(self.denoise(self.encode(image)))

@@ -1,0 +1,83 @@
+"""Upscaling options and the per-method presets (the defaults of each method's official inference script)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from .color import COLOR_FIXES
+
+UPSAMPLERS = ("pil_bicubic", "torch_bicubic")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+VAE_SAMPLE_MODES = ("mode", "sample")
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    """Everything that shapes one upscale besides the model.
+
+    Attributes:
+        scale: output size / input size.
+        upsample: how the low-resolution image is brought to the output size before encoding
+            (``pil_bicubic`` as OSEDiff does, ``torch_bicubic`` as TSD-SR does).
+        min_process_side: inputs whose upscaled short side is below this are processed at a larger scale
+            (as the official scripts do) and resized back, so the output is always ``scale`` x the input.
+        tile_size, tile_overlap: latent tiles and their overlap in latent pixels; 0 turns latent tiling off.
+        vae_encoder_tile_size: encoder tiles in image pixels; vae_decoder_tile_size: decoder tiles in latent
+            pixels; 0 turns VAE tiling off.
+        tile_batch_size: latent tiles sent through the denoiser together.
+        color_fix: ``wavelet``, ``adain`` or ``none``.
+        vae_sample: ``mode`` (deterministic) or ``sample`` (seeded with ``seed``).
+        seed: seeds the posterior sample.
+        prompt: text prompt; ``None`` uses the checkpoint's stored embedding, else the empty prompt.
+    """
+
+    scale: int = 4
+    upsample: str = "pil_bicubic"
+    min_process_side: int = 512
+    tile_size: int = 96
+    tile_overlap: int = 32
+    vae_encoder_tile_size: int = 1024
+    vae_decoder_tile_size: int = 224
+    tile_batch_size: int = 1
+    color_fix: str = "adain"
+    vae_sample: str = "mode"
+    seed: int | None = None
+    prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.scale >= 1, "scale", "a whole number of at least 1"),
+            (self.upsample in UPSAMPLERS, "upsample", f"one of {UPSAMPLERS}"),
+            (self.min_process_side >= 0, "min_process_side", "at least 0"),
+            (self.tile_size == 0 or self.tile_size >= 8, "tile_size", "0 (off) or at least 8 latent pixels"),
+            (0 <= self.tile_overlap and (self.tile_size == 0 or self.tile_overlap < self.tile_size),
+             "tile_overlap", "at least 0 and smaller than tile_size"),
+            (self.vae_encoder_tile_size == 0 or (self.vae_encoder_tile_size >= 64 and self.vae_encoder_tile_size % 8 == 0),
+             "vae_encoder_tile_size", "0 (off) or a multiple of 8 of at least 64 pixels"),
+            (self.vae_decoder_tile_size == 0 or self.vae_decoder_tile_size >= 8,
+             "vae_decoder_tile_size", "0 (off) or at least 8 latent pixels"),
+            (self.tile_batch_size >= 1, "tile_batch_size", "at least 1"),
+            (self.color_fix in COLOR_FIXES, "color_fix", f"one of {COLOR_FIXES}"),
+            (self.vae_sample in VAE_SAMPLE_MODES, "vae_sample", f"one of {VAE_SAMPLE_MODES}"),
+        ]
+        for ok, name, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; expected {allowed}.")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "UpscaleOptions":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def updated(self, **changes) -> "UpscaleOptions":
+        """A copy with the given fields changed; ``None`` values leave a field as it is."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+PRESETS = {
+    # test_osediff.py: PIL bicubic x4, process size 512, --align_method adain, latent tiles 96/32, VAE tiles 1024/224.
+    "osediff": UpscaleOptions(),
+}

@@ -1,0 +1,170 @@
+"""The upscaling pipeline: pre-processing, tiled encode / predict / decode, colour fix, exact output size.
+
+Host-free: images come in and go out as float tensors ``(B, C, H, W)`` in [0, 1] with C = 1 (gray), 3 (RGB)
+or 4 (RGBA). Hosts convert their own layouts at their edge.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .color import apply_color_fix
+from .generator import OneStepGenerator
+from .options import UpscaleOptions
+from .tiling import count_latent_tiles, count_vae_tiles
+
+ProgressFn = Callable[[int, int], None]
+"""``progress(done, total)``, called after every tile; it may raise to cancel the run."""
+
+
+def resolve_dtypes(name: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """``(denoiser dtype, VAE dtype)`` for ``name`` in auto/fp32/fp16/bf16 on ``device``.
+
+    ``auto`` is fp32 on the CPU and bf16 (fp16 where bf16 is unsupported) on an accelerator. An fp16 request keeps
+    the VAE in fp32, because the SD VAE decoder overflows fp16 on large images; bf16 has fp32's range.
+    """
+    if name == "auto":
+        if device.type == "cpu":
+            name = "fp32"
+        elif device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            name = "fp16"
+        else:
+            name = "bf16"
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"dtype {name!r} is not one of auto, fp32, fp16, bf16.")
+    dtype = table[name]
+    return dtype, (torch.float32 if dtype == torch.float16 else dtype)
+
+
+def pil_bicubic_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize ``(B, C, H, W)`` to ``size = (h, w)`` with PIL's bicubic filter (OSEDiff's upsampler), per channel in float."""
+    out = torch.empty(*images.shape[:2], *size, dtype=torch.float32)
+    arrays = images.detach().float().cpu().numpy()
+    for b in range(images.shape[0]):
+        for c in range(images.shape[1]):
+            resized = Image.fromarray(np.ascontiguousarray(arrays[b, c])).resize((size[1], size[0]), Image.BICUBIC)
+            out[b, c] = torch.from_numpy(np.asarray(resized, dtype=np.float32))
+    return out.clamp(0, 1).to(images.device)
+
+
+def torch_bicubic_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize with ``F.interpolate(mode="bicubic", align_corners=False)`` (TSD-SR's upsampler), clamped to [0, 1]."""
+    return F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+UPSAMPLE_FNS = {"pil_bicubic": pil_bicubic_resize, "torch_bicubic": torch_bicubic_resize}
+
+
+def processing_size(height: int, width: int, options: UpscaleOptions) -> tuple[int, int]:
+    """Size at which an ``height x width`` input is processed: ``scale`` x the input, or larger so that the short
+    side reaches ``min_process_side`` as the official scripts do."""
+    factor = max(float(options.scale), options.min_process_side / min(height, width))
+    return round(height * factor), round(width * factor)
+
+
+class Upscaler:
+    """One-step diffusion super-resolution of whole images of any size.
+
+    Args:
+        generator: a built :class:`OneStepGenerator` (see ``checkpoints.build_generator``).
+        device: where to run.
+        dtype: ``auto``, ``fp32``, ``fp16`` or ``bf16`` (see :func:`resolve_dtypes`).
+    """
+
+    def __init__(self, generator: OneStepGenerator, *, device: str | torch.device = "cpu", dtype: str = "auto"):
+        self.device = torch.device(device)
+        denoiser_dtype, vae_dtype = resolve_dtypes(dtype, self.device)
+        self.generator = generator.to(self.device)
+        self.generator.denoiser.to(denoiser_dtype)
+        self.generator.vae.to(vae_dtype)
+
+    def count_steps(self, height: int, width: int, options: UpscaleOptions) -> int:
+        """How many progress steps (tiles) :meth:`upscale` takes for an ``height x width`` input."""
+        ph, pw = (-(-s // 8) * 8 for s in processing_size(height, width, options))
+        return self._count(ph, pw, options)
+
+    @staticmethod
+    def _latent_tiled(ph: int, pw: int, options: UpscaleOptions) -> bool:
+        return bool(options.tile_size) and max(ph, pw) // 8 > options.tile_size
+
+    def _count(self, ph: int, pw: int, options: UpscaleOptions) -> int:
+        encoder = count_vae_tiles(ph, pw, options.vae_encoder_tile_size, 32) if options.vae_encoder_tile_size else 1
+        latent = count_latent_tiles(ph // 8, pw // 8, options.tile_size, options.tile_overlap)
+        decoder = count_vae_tiles(ph // 8, pw // 8, options.vae_decoder_tile_size, 11) if options.vae_decoder_tile_size else 1
+        return encoder + (latent if self._latent_tiled(ph, pw, options) else 1) + decoder
+
+    @torch.no_grad()
+    def upscale(
+        self, images: torch.Tensor, options: UpscaleOptions, progress: ProgressFn | None = None
+    ) -> torch.Tensor:
+        """Upscale ``images`` ``(B, C, H, W)`` in [0, 1], C in {1, 3, 4}, to ``(B, C, scale*H, scale*W)`` in [0, 1].
+
+        Gray inputs are processed as RGB and returned as gray; an alpha channel is resized with the same
+        upsampler and passed through. Raises ``ValueError`` on an empty image or when the model yields NaN.
+        """
+        if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
+            raise ValueError(f"images must be (B, C, H, W) with C in 1, 3, 4; got shape {tuple(images.shape)}.")
+        batch, channels, height, width = images.shape
+        if height == 0 or width == 0 or batch == 0:
+            raise ValueError(f"images must have at least one pixel; got shape {tuple(images.shape)}.")
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite values; expected finite values in [0, 1].")
+        images = images.float().clamp(0, 1)
+        rgb = images[:, :3] if channels != 1 else images.expand(-1, 3, -1, -1)
+        out_size = (height * options.scale, width * options.scale)
+        process_size = processing_size(height, width, options)
+        upsample = UPSAMPLE_FNS[options.upsample]
+        source = upsample(rgb, process_size)
+        result = self._run(source, options, progress)
+        if process_size != out_size:
+            result = F.interpolate(result, size=out_size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        if channels == 1:
+            return result.mean(dim=1, keepdim=True)
+        if channels == 4:
+            alpha = upsample(images[:, 3:], process_size)
+            if process_size != out_size:
+                alpha = F.interpolate(alpha, size=out_size, mode="bicubic", align_corners=False, antialias=True)
+            result = torch.cat([result, alpha.clamp(0, 1).to(result.device)], dim=1)
+        return result
+
+    def _run(self, source: torch.Tensor, options: UpscaleOptions, progress: ProgressFn | None) -> torch.Tensor:
+        """The one step on an upsampled RGB ``source`` ``(B, 3, H, W)`` in [0, 1]; returns the colour-fixed result."""
+        height, width = source.shape[-2:]
+        pad_h, pad_w = -height % 8, -width % 8
+        lq = F.pad(source.to(self.device) * 2 - 1, (0, pad_w, 0, pad_h), mode="replicate")
+        ph, pw = lq.shape[-2:]
+        total, done = self._count(ph, pw, options), 0
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        g = self.generator
+        seeded = torch.Generator(self.device).manual_seed(options.seed) if options.seed is not None else None
+        latents = g.encode(
+            lq,
+            sample=options.vae_sample == "sample",
+            generator=seeded,
+            tile_size=options.vae_encoder_tile_size or None,
+            progress=tick,
+        )
+        x0 = g.denoise(
+            latents,
+            tile_size=options.tile_size if self._latent_tiled(ph, pw, options) else None,
+            tile_overlap=options.tile_overlap,
+            tile_batch_size=options.tile_batch_size,
+            progress=tick,
+        )
+        decoded = g.decode(x0, tile_size=options.vae_decoder_tile_size or None, progress=tick)
+        if not torch.isfinite(decoded).all():
+            raise ValueError("the model produced NaN or infinite values; try dtype fp32 or bf16.")
+        result = ((decoded + 1) / 2)[..., :height, :width].float()
+        return apply_color_fix(options.color_fix, result, source.to(result.device).float())
