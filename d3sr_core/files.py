@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorsError, safe_open
+from safetensors import SafetensorError, safe_open
 
 PICKLE_SUFFIXES = (".pkl", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -39,7 +39,7 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torc
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorsError, OSError, ValueError, RuntimeError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"{path} is not a readable .safetensors file ({err}); expected {what}.") from None
     return tensors, metadata
 

@@ -106,6 +106,7 @@ class OneStepGenerator(torch.nn.Module):
         self.clip_sample_range = clip_sample_range
         self.latent_scaling_factor = float(latent_scaling_factor)
         self.conditioning = dict(conditioning)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @property
     def denoiser_dtype(self) -> torch.dtype:
@@ -116,7 +117,7 @@ class OneStepGenerator(torch.nn.Module):
         return next(self.vae.parameters()).dtype
 
     def encode_moments(self, image: torch.Tensor) -> torch.Tensor:
-        """VAE posterior moments ``(B, 2*C, H/8, W/8)`` (mean and log-variance) of ``image`` ``(B, 3, H, W)`` in [-1, 1]."""
+        """VAE posterior moments ``(B, 2*C, H/f, W/f)`` (f = ``vae_scale_factor``, 8 for SD) (mean and log-variance) of ``image`` ``(B, 3, H, W)`` in [-1, 1]."""
         hidden = self.vae.encoder(image.to(self.vae_dtype))
         if getattr(self.vae, "quant_conv", None) is not None:
             hidden = self.vae.quant_conv(hidden)
@@ -132,14 +133,14 @@ class OneStepGenerator(torch.nn.Module):
         tile_padding: int = 32,
         progress: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Model latents ``(B, C, H/8, W/8)``, already multiplied by the scaling factor.
+        """Model latents ``(B, C, H/f, W/f)``, already multiplied by the scaling factor.
 
         ``sample=False`` takes the posterior mode (deterministic); ``sample=True`` draws from it with ``generator``,
         as the official OSEDiff and TSD-SR scripts do (unseeded there). ``tile_size`` (pixels) enables the tiled encoder.
         """
         if tile_size:
             moments = tiled_vae_apply(
-                self.encode_moments, self.vae.encoder, image, tile_size, tile_padding, 1 / 8, progress
+                self.encode_moments, self.vae.encoder, image, tile_size, tile_padding, 1 / self.vae_scale_factor, progress
             )
         else:
             moments = self.encode_moments(image)
@@ -159,9 +160,11 @@ class OneStepGenerator(torch.nn.Module):
         tile_padding: int = 11,
         progress: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Image ``(B, 3, 8H, 8W)`` in [-1, 1] (clamped) from model latents; ``tile_size`` (latent px) enables tiling."""
+        """Image ``(B, 3, fH, fW)`` in [-1, 1] (clamped) from model latents; ``tile_size`` (latent px) enables tiling."""
         if tile_size:
-            image = tiled_vae_apply(self.decode_latents, self.vae.decoder, latents, tile_size, tile_padding, 8, progress)
+            image = tiled_vae_apply(
+                self.decode_latents, self.vae.decoder, latents, tile_size, tile_padding, self.vae_scale_factor, progress
+            )
         else:
             image = self.decode_latents(latents)
             _tick(progress)
@@ -213,5 +216,5 @@ class OneStepGenerator(torch.nn.Module):
         return self.x0(latents, prediction)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Untiled one-step SR of ``image`` ``(B, 3, H, W)`` in [-1, 1] (H, W multiples of 8) to the same size."""
+        """Untiled one-step SR of ``image`` ``(B, 3, H, W)`` in [-1, 1] (H, W multiples of f) to the same size."""
         return self.decode(self.denoise(self.encode(image)))

@@ -9,6 +9,7 @@ its full name equals the target or ends with ``"." + target``. The LoRA update o
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -67,7 +68,10 @@ def add_adapters(model: torch.nn.Module, specs: list[AdapterSpec]) -> None:
             target_modules=list(spec.targets),
             init_lora_weights=True,
         )
-        inject_adapter_in_model(config, model, adapter_name=spec.name)
+        with warnings.catch_warnings():
+            # Several adapters on one model are the point here, not the accident peft warns about.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(config, model, adapter_name=spec.name)
     names = [s.name for s in specs]
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):

@@ -49,7 +49,7 @@ def pil_bicubic_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     for b in range(images.shape[0]):
         for c in range(images.shape[1]):
             resized = Image.fromarray(np.ascontiguousarray(arrays[b, c])).resize((size[1], size[0]), Image.BICUBIC)
-            out[b, c] = torch.from_numpy(np.asarray(resized, dtype=np.float32))
+            out[b, c] = torch.from_numpy(np.array(resized, dtype=np.float32))
     return out.clamp(0, 1).to(images.device)
 
 
@@ -80,24 +80,27 @@ class Upscaler:
     def __init__(self, generator: OneStepGenerator, *, device: str | torch.device = "cpu", dtype: str = "auto"):
         self.device = torch.device(device)
         denoiser_dtype, vae_dtype = resolve_dtypes(dtype, self.device)
-        self.generator = generator.to(self.device)
-        self.generator.denoiser.to(denoiser_dtype)
-        self.generator.vae.to(vae_dtype)
+        self.generator = generator
+        for module, dtype in ((generator.denoiser, denoiser_dtype), (generator.vae, vae_dtype)):
+            first = next(module.parameters())
+            if first.device != self.device or first.dtype != dtype:
+                module.to(device=self.device, dtype=dtype)
 
     def count_steps(self, height: int, width: int, options: UpscaleOptions) -> int:
         """How many progress steps (tiles) :meth:`upscale` takes for an ``height x width`` input."""
-        ph, pw = (-(-s // 8) * 8 for s in processing_size(height, width, options))
+        f = self.generator.vae_scale_factor
+        ph, pw = (-(-s // f) * f for s in processing_size(height, width, options))
         return self._count(ph, pw, options)
 
-    @staticmethod
-    def _latent_tiled(ph: int, pw: int, options: UpscaleOptions) -> bool:
-        return bool(options.tile_size) and max(ph, pw) // 8 > options.tile_size
+    def _latent_tiled(self, ph: int, pw: int, options: UpscaleOptions) -> bool:
+        return bool(options.tile_size) and max(ph, pw) // self.generator.vae_scale_factor > options.tile_size
 
     def _count(self, ph: int, pw: int, options: UpscaleOptions) -> int:
+        lh, lw = ph // self.generator.vae_scale_factor, pw // self.generator.vae_scale_factor
         encoder = count_vae_tiles(ph, pw, options.vae_encoder_tile_size, 32) if options.vae_encoder_tile_size else 1
-        latent = count_latent_tiles(ph // 8, pw // 8, options.tile_size, options.tile_overlap)
-        decoder = count_vae_tiles(ph // 8, pw // 8, options.vae_decoder_tile_size, 11) if options.vae_decoder_tile_size else 1
-        return encoder + (latent if self._latent_tiled(ph, pw, options) else 1) + decoder
+        latent = count_latent_tiles(lh, lw, options.tile_size, options.tile_overlap) if self._latent_tiled(ph, pw, options) else 1
+        decoder = count_vae_tiles(lh, lw, options.vae_decoder_tile_size, 11) if options.vae_decoder_tile_size else 1
+        return encoder + latent + decoder
 
     @torch.no_grad()
     def upscale(
@@ -136,7 +139,8 @@ class Upscaler:
     def _run(self, source: torch.Tensor, options: UpscaleOptions, progress: ProgressFn | None) -> torch.Tensor:
         """The one step on an upsampled RGB ``source`` ``(B, 3, H, W)`` in [0, 1]; returns the colour-fixed result."""
         height, width = source.shape[-2:]
-        pad_h, pad_w = -height % 8, -width % 8
+        f = self.generator.vae_scale_factor
+        pad_h, pad_w = -height % f, -width % f
         lq = F.pad(source.to(self.device) * 2 - 1, (0, pad_w, 0, pad_h), mode="replicate")
         ph, pw = lq.shape[-2:]
         total, done = self._count(ph, pw, options), 0

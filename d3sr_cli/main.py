@@ -1,0 +1,173 @@
+"""``d3sr upscale | convert | info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from d3sr_core.color import COLOR_FIXES
+from d3sr_core.files import ModelFileError
+from d3sr_core.image_io import IMAGE_SUFFIXES, ImageFileError
+from d3sr_core.options import DTYPES, UPSAMPLERS, VAE_SAMPLE_MODES
+
+
+class CommandError(Exception):
+    """Ends the command with one sentence on stderr and exit status 2."""
+
+
+def _add_upscale(sub) -> None:
+    p = sub.add_parser(
+        "upscale",
+        help="upscale image files or folders",
+        description="Upscale images with a one-step diffusion SR model. Unset options take the model's method defaults.",
+    )
+    p.add_argument("inputs", nargs="+", help=f"image files or folders ({', '.join(IMAGE_SUFFIXES)})")
+    p.add_argument("-o", "--output-dir", required=True, help="folder for the PNG results (<input name>.png)")
+    p.add_argument("--model", help="one-step checkpoint: ours (.safetensors) or OSEDiff (.pkl)")
+    p.add_argument("--base", help="base model: diffusers folder or single-file SD 2.x .safetensors/.ckpt")
+    p.add_argument("--base-config", help="config folder for a single-file base that is not SD 2.1-base")
+    p.add_argument("--scale", type=int, help="upscaling factor (default: the model's, 4 for OSEDiff)")
+    p.add_argument("--upsample", choices=UPSAMPLERS, help="pre-upsampling filter (default: the method's)")
+    p.add_argument("--tile-size", type=int, help="latent tile size in latent pixels; 0 disables latent tiling")
+    p.add_argument("--tile-overlap", type=int, help="latent tile overlap in latent pixels")
+    p.add_argument(
+        "--vae-tile-size", type=int, help="VAE tile size in image pixels (decoder tiles are this / 8 latents); 0 disables"
+    )
+    p.add_argument("--tile-batch-size", type=int, help="latent tiles per denoiser call")
+    p.add_argument("--color-fix", choices=COLOR_FIXES, help="colour correction toward the input (default: the method's)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp32 on CPU, bf16/fp16 on GPU")
+    p.add_argument("--vae-sample", choices=VAE_SAMPLE_MODES, help="posterior mode (deterministic) or a seeded sample")
+    p.add_argument("--seed", type=int, help="seed for --vae-sample sample")
+    p.add_argument("--prompt", help="text prompt (default: the embedding stored in the model, else empty)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    p.add_argument("--no-merge-lora", action="store_true", help="keep LoRA unmerged (slower; for debugging)")
+    p.set_defaults(run=run_upscale)
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert an official checkpoint to the d3sr .safetensors format")
+    p.add_argument("source", help="OSEDiff .pkl (or one of ours)")
+    p.add_argument("-o", "--output", required=True, help="destination .safetensors")
+    p.add_argument("--base", help="base model whose text encoder embeds --prompt into the checkpoint")
+    p.add_argument("--base-config", help="config folder for a single-file base that is not SD 2.1-base")
+    p.add_argument("--prompt", help="store this prompt's embedding, so inference needs no text encoder")
+    p.set_defaults(run=run_convert)
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="print a checkpoint's metadata as JSON")
+    p.add_argument("model", help="one-step checkpoint file")
+    p.set_defaults(run=run_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d3sr", description="One-step diffusion super-resolution.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_upscale(sub)
+    _add_convert(sub)
+    _add_info(sub)
+    return parser
+
+
+def _device(name: str | None):
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from d3sr_core.backbones import load_base
+    from d3sr_core.checkpoints import build_generator, load_checkpoint
+    from d3sr_core.image_io import list_images, read_image, write_png
+    from d3sr_core.pipeline import Upscaler
+
+    files = list_images(args.inputs)
+    if not files:
+        raise CommandError(f"no image files found in {', '.join(args.inputs)}.")
+    names = [f.stem for f in files]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise CommandError(f"several inputs would write {duplicates[0]}.png; give inputs with distinct names.")
+    if not args.model or not args.base:
+        raise CommandError("--model and --base are required: no default model is bundled yet.")
+    checkpoint = load_checkpoint(args.model)
+    vae_tile = args.vae_tile_size
+    options = checkpoint.defaults.updated(
+        scale=args.scale,
+        upsample=args.upsample,
+        tile_size=args.tile_size,
+        tile_overlap=args.tile_overlap,
+        vae_encoder_tile_size=vae_tile,
+        vae_decoder_tile_size=None if vae_tile is None else vae_tile // 8,
+        tile_batch_size=args.tile_batch_size,
+        color_fix=args.color_fix,
+        vae_sample=args.vae_sample,
+        seed=args.seed,
+        prompt=args.prompt,
+    )
+    base = load_base(args.base, args.base_config, load_text_encoder=options.prompt is not None or not checkpoint.conditioning)
+    generator = build_generator(checkpoint, base, prompt=options.prompt, merge_lora=not args.no_merge_lora)
+    upscaler = Upscaler(generator, device=_device(args.device), dtype=args.dtype)
+    out_dir = Path(args.output_dir)
+    failures = 0
+    for path in files:
+        try:
+            image = read_image(path)
+            height, width = image.pixels.shape[-2:]
+            with tqdm(total=upscaler.count_steps(height, width, options), desc=path.name, unit="tile") as bar:
+                result = upscaler.upscale(image.pixels[None], options, lambda done, total: bar.update(done - bar.n))
+            out = write_png(out_dir / f"{path.stem}.png", result[0], image.bit_depth)
+            tqdm.write(f"{path} -> {out} ({width}x{height} -> {result.shape[-1]}x{result.shape[-2]})")
+        except (ImageFileError, ValueError, torch.OutOfMemoryError) as err:
+            failures += 1
+            print(f"d3sr: error: {err}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from d3sr_core.checkpoints import convert_checkpoint
+
+    prompt_embeds = None
+    if args.prompt is not None:
+        if not args.base:
+            raise CommandError("--prompt needs --base, whose text encoder embeds the prompt.")
+        from d3sr_core.backbones import load_base
+
+        prompt_embeds = load_base(args.base, args.base_config).encode_prompt(args.prompt)["prompt_embeds"]
+    out = convert_checkpoint(args.source, args.output, prompt_embeds=prompt_embeds)
+    print(f"{args.source} -> {out}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from d3sr_core.checkpoints import load_checkpoint
+
+    checkpoint = load_checkpoint(args.model)
+    info = checkpoint.metadata()
+    info["adapters"] = json.loads(info["adapters"])
+    info["defaults"] = json.loads(info["defaults"])
+    info["file"] = str(args.model)
+    info["tensors"] = len(checkpoint.tensors)
+    info["parameters"] = sum(t.numel() for t in checkpoint.tensors.values())
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (CommandError, ModelFileError, ImageFileError, ValueError) as err:
+        print(f"d3sr: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Image files to float tensors and back, for the hosts that read files (the command line, the A1111 API).
+
+Tensors are ``(C, H, W)`` float32 in [0, 1] with C = 1 (gray), 3 (RGB) or 4 (RGBA; gray+alpha becomes RGBA).
+16-bit PNGs are read and written at full precision (PIL cannot hold 16-bit RGB, so pypng does it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import png
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .files import atomic_output
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class ImageFileError(ValueError):
+    """An image file cannot be used. The message is one sentence."""
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    pixels: torch.Tensor
+    """``(C, H, W)`` float32 in [0, 1]."""
+    bit_depth: int
+    """8 or 16: the precision to write the result with."""
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    with open(path, "rb") as f:
+        head = f.read(25)
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or len(head) < 25:
+        return None
+    return head[24]
+
+
+def _read_png16(path: Path) -> LoadedImage:
+    width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+    planes = info["planes"]
+    data = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, planes)
+    pixels = torch.from_numpy(data.astype(np.float32) / 65535.0).permute(2, 0, 1)
+    if planes == 2:
+        pixels = torch.cat([pixels[:1].expand(3, -1, -1), pixels[1:]])
+    return LoadedImage(pixels.contiguous(), 16)
+
+
+def read_image(path: str | os.PathLike) -> LoadedImage:
+    """Read an image file; EXIF orientation is applied. Raises :class:`ImageFileError` with one sentence."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageFileError(f"{path} does not exist or is not a file; expected an image.")
+    if path.stat().st_size == 0:
+        raise ImageFileError(f"{path} is empty (0 bytes); expected an image.")
+    try:
+        if _png_bit_depth(path) == 16:
+            loaded = _read_png16(path)
+        else:
+            with Image.open(path) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                loaded = _from_pil(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, png.Error, Image.DecompressionBombError) as err:
+        if isinstance(err, ImageFileError):
+            raise
+        raise ImageFileError(f"{path} is not a readable image ({type(err).__name__}: {err}).") from None
+    if loaded.pixels.shape[1] == 0 or loaded.pixels.shape[2] == 0:
+        raise ImageFileError(f"{path} has no pixels ({loaded.pixels.shape[2]}x{loaded.pixels.shape[1]}).")
+    return loaded
+
+
+def _from_pil(im: Image.Image) -> LoadedImage:
+    """PIL image of any common mode to a :class:`LoadedImage`."""
+    if im.width == 0 or im.height == 0:
+        raise ImageFileError(f"the image has no pixels ({im.width}x{im.height}).")
+    if im.mode.startswith("I;16"):
+        data = np.asarray(im, dtype=np.float32) / 65535.0
+        return LoadedImage(torch.from_numpy(data)[None].clamp(0, 1), 16)
+    if im.mode in ("I", "F"):
+        raise ImageFileError(f"the image has 32-bit {im.mode!r} pixels; expected 8- or 16-bit gray, RGB or RGBA.")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode == "LA" or im.mode == "PA":
+        im = im.convert("RGBA")
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode not in ("L", "RGB", "RGBA"):
+        im = im.convert("RGB")
+    data = np.asarray(im, dtype=np.float32) / 255.0
+    pixels = torch.from_numpy(data)
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+    return LoadedImage(pixels.contiguous(), 8)
+
+
+def write_png(path: str | os.PathLike, pixels: torch.Tensor, bit_depth: int = 8) -> Path:
+    """Write ``pixels`` ``(C, H, W)`` in [0, 1] as an 8- or 16-bit PNG, through a temporary name."""
+    path = Path(path)
+    if pixels.ndim != 3 or pixels.shape[0] not in (1, 3, 4):
+        raise ValueError(f"pixels must be (C, H, W) with C in 1, 3, 4; got {tuple(pixels.shape)}.")
+    array = pixels.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    with atomic_output(path) as tmp:
+        if bit_depth == 16:
+            height, width, planes = array.shape
+            data = np.round(array * 65535.0).astype(np.uint16).reshape(height, width * planes)
+            writer = png.Writer(width, height, greyscale=planes == 1, alpha=planes == 4, bitdepth=16)
+            with open(tmp, "wb") as f:
+                writer.write(f, data)
+        else:
+            data = np.round(array * 255.0).astype(np.uint8)
+            Image.fromarray(data[..., 0] if data.shape[2] == 1 else data).save(tmp, format="PNG")
+    return path
+
+
+def list_images(paths: list[str | os.PathLike]) -> list[Path]:
+    """Files given directly, plus the image files (by extension, sorted) inside given folders."""
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            found.append(p)
+    return found

@@ -1,0 +1,166 @@
+"""Tiny randomly initialised SD 2.x-shaped models (milliseconds per forward) and files written in the real formats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from d3sr_core.backbones.sd2 import SHIPPED_CONFIG_DIR
+
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    use_linear_projection=True,
+    norm_num_groups=32,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(16, 16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
+)
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    vocab_size=49408,
+    max_position_embeddings=77,
+    projection_dim=32,
+)
+
+
+def perturb_(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    """Add noise to every parameter, so norms and biases are not at their trivial initial values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+
+
+def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    perturb_(unet, seed)
+    return unet.eval()
+
+
+def tiny_vae(seed: int = 1) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**TINY_VAE)
+    perturb_(vae, seed)
+    return vae.eval()
+
+
+def tiny_text_encoder(seed: int = 2) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(**TINY_TEXT)).eval()
+
+
+def write_diffusers_base(folder: Path, *, text_encoder: bool = True) -> Path:
+    """A diffusers SD 2.x folder of tiny models (no tokenizer: only the empty prompt can be encoded)."""
+    tiny_unet().save_pretrained(folder / "unet")
+    tiny_vae().save_pretrained(folder / "vae")
+    if text_encoder:
+        tiny_text_encoder().save_pretrained(folder / "text_encoder")
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    shutil.copy(SHIPPED_CONFIG_DIR / "scheduler.json", folder / "scheduler" / "scheduler_config.json")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
+def random_image(height: int, width: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    """A smooth random image ``(1, C, H, W)`` in [0, 1] (low-frequency noise, like a photo more than like static)."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, channels, max(2, height // 8), max(2, width // 8), generator=gen)
+    smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+    return (smooth + 0.05 * torch.rand(1, channels, height, width, generator=gen)).clamp(0, 1)
+
+
+# OSEDiff's adapter layout (osediff.py: initialize_unet / initialize_vae), rebuilt here with peft as OSEDiff does.
+OSEDIFF_UNET_PATTERNS = ["to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in",
+                         "conv_shortcut", "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj"]
+OSEDIFF_VAE_PATTERNS = ["conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out",
+                        "to_k", "to_q", "to_v", "to_out.0"]
+
+
+def osediff_unet_targets(unet) -> tuple[list, list, list]:
+    encoder, decoder, others = [], [], []
+    for n, _ in unet.named_parameters():
+        if "bias" in n or "norm" in n:
+            continue
+        for pattern in OSEDIFF_UNET_PATTERNS:
+            if pattern in n and ("down_blocks" in n or "conv_in" in n):
+                encoder.append(n.replace(".weight", ""))
+                break
+            elif pattern in n and ("up_blocks" in n or "conv_out" in n):
+                decoder.append(n.replace(".weight", ""))
+                break
+            elif pattern in n:
+                others.append(n.replace(".weight", ""))
+                break
+    return encoder, decoder, others
+
+
+def osediff_vae_targets(vae) -> list:
+    targets = []
+    for n, _ in vae.named_parameters():
+        if "bias" in n or "norm" in n:
+            continue
+        for pattern in OSEDIFF_VAE_PATTERNS:  # no break, as in OSEDiff: the list repeats names
+            if pattern in n and "encoder" in n:
+                targets.append(n.replace(".weight", ""))
+            elif "quant_conv" in n and "post_quant_conv" not in n:
+                targets.append(n.replace(".weight", ""))
+    return targets
+
+
+def write_osediff_pkl(path: Path, rank: int = 4, seed: int = 10) -> dict:
+    """An OSEDiff .pkl for the tiny UNet/VAE of this module, with random non-zero LoRA and a trained conv_in.
+
+    Returns the saved dict (what the reference forward reads)."""
+    from peft import LoraConfig
+
+    unet, vae = tiny_unet(), tiny_vae()
+    encoder, decoder, others = osediff_unet_targets(unet)
+    vae_targets = osediff_vae_targets(vae)
+    unet.add_adapter(LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=encoder), adapter_name="default_encoder")
+    unet.add_adapter(LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=decoder), adapter_name="default_decoder")
+    unet.add_adapter(LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=others), adapter_name="default_others")
+    vae.add_adapter(LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=vae_targets), adapter_name="default_encoder")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for model in (unet, vae):
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        unet.conv_in.base_layer.weight.add_(torch.randn(unet.conv_in.base_layer.weight.shape, generator=gen) * 0.1)
+    saved = {
+        "unet_lora_encoder_modules": encoder,
+        "unet_lora_decoder_modules": decoder,
+        "unet_lora_others_modules": others,
+        "vae_lora_encoder_modules": vae_targets,
+        "rank_unet": rank,
+        "rank_vae": rank,
+        "state_dict_unet": {k: v for k, v in unet.state_dict().items() if "lora" in k or "conv_in" in k},
+        "state_dict_vae": {k: v for k, v in vae.state_dict().items() if "lora" in k},
+    }
+    torch.save(saved, path)
+    return saved
