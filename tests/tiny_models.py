@@ -164,3 +164,96 @@ def write_osediff_pkl(path: Path, rank: int = 4, seed: int = 10) -> dict:
     }
     torch.save(saved, path)
     return saved
+
+
+# The original (LDM / CompVis) single-file key layout, written independently of diffusers' converter.
+RESNET_TO_LDM = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+                 ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
+VAE_ATTENTION_TO_LDM = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+
+
+def _sub_part(rest: str, table) -> str:
+    for new, old in table:
+        if rest == new or rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def unet_key_to_ldm(key: str, layers: int, has_attention_up: list[bool]) -> str:
+    import re
+
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    for new, old in fixed.items():
+        if key.startswith(new + "."):
+            return old + key[len(new):]
+    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = 1 + i * (layers + 1) + j
+        return f"input_blocks.{index}.{0 if kind == 'resnets' else 1}." + (_sub_part(rest, RESNET_TO_LDM) if kind == "resnets" else rest)
+    m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key)
+    if m:
+        return f"input_blocks.{(int(m[1]) + 1) * (layers + 1)}.0.op.{m[2]}"
+    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key)
+    if m:
+        index = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}[(m[1], int(m[2]))]
+        return f"middle_block.{index}." + (_sub_part(m[3], RESNET_TO_LDM) if m[1] == "resnets" else m[3])
+    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = i * (layers + 1) + j
+        return f"output_blocks.{index}.{0 if kind == 'resnets' else 1}." + (_sub_part(rest, RESNET_TO_LDM) if kind == "resnets" else rest)
+    m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key)
+    if m:
+        i = int(m[1])
+        return f"output_blocks.{i * (layers + 1) + layers}.{2 if has_attention_up[i] else 1}.conv.{m[2]}"
+    raise KeyError(key)
+
+
+def vae_key_to_ldm(key: str, num_blocks: int) -> str:
+    import re
+
+    for half in ("encoder", "decoder"):
+        if key.startswith(f"{half}.conv_norm_out."):
+            return key.replace("conv_norm_out", "norm_out")
+    m = re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key)
+    if m:
+        return f"encoder.down.{m[1]}.block.{m[2]}." + m[3].replace("conv_shortcut", "nin_shortcut")
+    m = re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.*)", key)
+    if m:
+        return f"encoder.down.{m[1]}.downsample.{m[2]}"
+    m = re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key)
+    if m:
+        return f"decoder.up.{num_blocks - 1 - int(m[1])}.block.{m[2]}." + m[3].replace("conv_shortcut", "nin_shortcut")
+    m = re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key)
+    if m:
+        return f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.{m[2]}"
+    m = re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)", key)
+    if m:
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
+    m = re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", key)
+    if m:
+        return f"{m[1]}.mid.attn_1." + _sub_part(m[2], VAE_ATTENTION_TO_LDM)
+    return key
+
+
+def write_single_file(path: Path, unet, vae, extra: dict | None = None) -> None:
+    """``unet`` and ``vae`` saved in one .safetensors / .ckpt in the original SD key layout."""
+    layers = unet.config.layers_per_block
+    has_attention_up = ["CrossAttn" in t for t in unet.config.up_block_types]
+    state = {"model.diffusion_model." + unet_key_to_ldm(k, layers, has_attention_up): v.clone()
+             for k, v in unet.state_dict().items()}
+    nb = len(vae.config.block_out_channels)
+    for k, v in vae.state_dict().items():
+        ldm = vae_key_to_ldm(k, nb)
+        if ".mid.attn_1." in ldm and ldm.endswith(".weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
+        state["first_stage_model." + ldm] = v.clone()
+    state.update(extra or {})
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save({"state_dict": state, "global_step": 123}, path)

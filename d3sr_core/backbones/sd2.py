@@ -119,11 +119,8 @@ def _from_single_file(path: Path, config_dir: Path, load_text_encoder: bool) -> 
         raise ModelFileError(f"{path} has no UNet and VAE in the original key layout; expected {what}.")
     unet_config = _read_json(config_dir / "unet.json")
     context_key = next((k for k in checkpoint if k.endswith("attn2.to_k.weight")), None)
-    if context_key is not None and checkpoint[context_key].shape[1] != unet_config["cross_attention_dim"]:
-        raise ModelFileError(
-            f"{path} cross-attends to {checkpoint[context_key].shape[1]}-wide text tokens, "
-            f"so it is not an SD 2.x model (which uses {unet_config['cross_attention_dim']})."
-        )
+    if context_key is not None and checkpoint[context_key].shape[1] == 768:
+        raise ModelFileError(f"{path} is an SD 1.x model (768-wide text tokens); expected an SD 2.x base.")
     unet = UNet2DConditionModel.from_config(unet_config)
     _load_strict(unet, convert_ldm_unet_checkpoint(checkpoint, unet_config), path, "UNet")
     vae_config = _read_json(config_dir / "vae.json")
