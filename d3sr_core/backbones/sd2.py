@@ -95,8 +95,8 @@ def _from_diffusers_folder(path: Path, load_text_encoder: bool) -> BaseModel:
     )
 
 
-def _load_strict(model: torch.nn.Module, state: dict, path: Path, what: str) -> None:
-    expected = model.state_dict()
+def _check_weights(expected: dict, state: dict, path: Path, what: str) -> None:
+    """Every tensor of ``expected`` must be in ``state`` with the same shape; else one sentence naming the first that is not."""
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ModelFileError(
@@ -109,7 +109,19 @@ def _load_strict(model: torch.nn.Module, state: dict, path: Path, what: str) -> 
                 f"{path} does not match the {what} config: {key!r} has shape {tuple(state[key].shape)}, "
                 f"expected {tuple(value.shape)} (pass the matching base config folder)."
             )
-    model.load_state_dict({k: state[k] for k in expected})
+
+
+def _build_with_weights(factory, state: dict, path: Path, what: str) -> torch.nn.Module:
+    """``factory()`` built on the meta device and then given ``state``'s tensors, so a full-size model costs no
+    random initialisation."""
+    with torch.device("meta"):
+        model = factory()
+    expected = model.state_dict()
+    _check_weights(expected, state, path, what)
+    # Cloned into fresh storage: tensors read from a file can be unaligned views, and CPU kernels then round
+    # differently from the same weights loaded any other way.
+    model.load_state_dict({k: state[k].clone() for k in expected}, assign=True)
+    return model
 
 
 def _from_single_file(path: Path, config_dir: Path, load_text_encoder: bool) -> BaseModel:
@@ -121,11 +133,16 @@ def _from_single_file(path: Path, config_dir: Path, load_text_encoder: bool) -> 
     context_key = next((k for k in checkpoint if k.endswith("attn2.to_k.weight")), None)
     if context_key is not None and checkpoint[context_key].shape[1] == 768:
         raise ModelFileError(f"{path} is an SD 1.x model (768-wide text tokens); expected an SD 2.x base.")
-    unet = UNet2DConditionModel.from_config(unet_config)
-    _load_strict(unet, convert_ldm_unet_checkpoint(checkpoint, unet_config), path, "UNet")
+    unet = _build_with_weights(
+        lambda: UNet2DConditionModel.from_config(unet_config),
+        convert_ldm_unet_checkpoint(checkpoint, unet_config),
+        path,
+        "UNet",
+    )
     vae_config = _read_json(config_dir / "vae.json")
-    vae = AutoencoderKL.from_config(vae_config)
-    _load_strict(vae, convert_ldm_vae_checkpoint(checkpoint, vae_config), path, "VAE")
+    vae = _build_with_weights(
+        lambda: AutoencoderKL.from_config(vae_config), convert_ldm_vae_checkpoint(checkpoint, vae_config), path, "VAE"
+    )
     prompt_encoder = None
     text_config_file = config_dir / "text_encoder.json"
     has_text = any(k.startswith(OPEN_CLIP_PREFIX) for k in checkpoint)
@@ -134,8 +151,10 @@ def _from_single_file(path: Path, config_dir: Path, load_text_encoder: bool) -> 
 
         text_encoder = CLIPTextModel(CLIPTextConfig(**_read_json(text_config_file))).eval()
         converted = convert_open_clip_checkpoint(text_encoder, checkpoint, prefix=OPEN_CLIP_PREFIX)
-        buffers = {k: v for k, v in text_encoder.state_dict().items() if k.endswith("position_ids")}
-        _load_strict(text_encoder, {**buffers, **converted}, path, "text encoder")
+        # position_ids is a buffer that some transformers versions save and others do not: keep the model's own.
+        expected = {k: v for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+        _check_weights(expected, converted, path, "text encoder")
+        text_encoder.load_state_dict({k: converted[k] for k in expected}, strict=False)
         prompt_encoder = make_prompt_encoder(text_encoder, None, path)
     return BaseModel(
         family=detect_family_from_unet_config(unet_config),
