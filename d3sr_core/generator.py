@@ -15,7 +15,13 @@ from typing import Callable
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from .tiling import gaussian_blend_predictions, tiled_vae_apply
+from .tiled_vae import count_norms, count_vae_tiles, decoder_steps, encoder_steps, tiled_vae_apply
+from .tiling import gaussian_blend_predictions
+
+ENCODER_TILE_PADDING = 32
+"""Context around each VAE encoder tile, in image pixels (the official default)."""
+DECODER_TILE_PADDING = 11
+"""Context around each VAE decoder tile, in latent pixels (the official default)."""
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
@@ -123,6 +129,16 @@ class OneStepGenerator(torch.nn.Module):
             hidden = self.vae.quant_conv(hidden)
         return hidden
 
+    def encode_progress_steps(self, height: int, width: int, tile_size: int | None) -> int:
+        """How often :meth:`encode` calls ``progress`` for an ``height x width`` image."""
+        tiles = count_vae_tiles(height, width, tile_size, ENCODER_TILE_PADDING) if tile_size else 1
+        return 1 if tiles == 1 else tiles * (count_norms(encoder_steps(self.vae)) + 1)
+
+    def decode_progress_steps(self, height: int, width: int, tile_size: int | None) -> int:
+        """How often :meth:`decode` calls ``progress`` for ``height x width`` latents."""
+        tiles = count_vae_tiles(height, width, tile_size, DECODER_TILE_PADDING) if tile_size else 1
+        return 1 if tiles == 1 else tiles * (count_norms(decoder_steps(self.vae)) + 1)
+
     def encode(
         self,
         image: torch.Tensor,
@@ -130,18 +146,19 @@ class OneStepGenerator(torch.nn.Module):
         sample: bool = False,
         generator: torch.Generator | None = None,
         tile_size: int | None = None,
-        tile_padding: int = 32,
         progress: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Model latents ``(B, C, H/f, W/f)``, already multiplied by the scaling factor.
 
         ``sample=False`` takes the posterior mode (deterministic); ``sample=True`` draws from it with ``generator``,
-        as the official OSEDiff and TSD-SR scripts do (unseeded there). ``tile_size`` (pixels) enables the tiled encoder.
+        as the official OSEDiff and TSD-SR scripts do (unseeded there). ``tile_size`` (pixels) enables the tiled
+        encoder (see ``tiled_vae.py``) for images larger than one tile.
         """
-        if tile_size:
-            moments = tiled_vae_apply(
-                self.encode_moments, self.vae.encoder, image, tile_size, tile_padding, 1 / self.vae_scale_factor, progress
-            )
+        height, width = image.shape[-2:]
+        if tile_size and count_vae_tiles(height, width, tile_size, ENCODER_TILE_PADDING) > 1:
+            steps = encoder_steps(self.vae)
+            ratio = 1 / self.vae_scale_factor
+            moments = tiled_vae_apply(steps, image.to(self.vae_dtype), tile_size, ENCODER_TILE_PADDING, ratio, progress)
         else:
             moments = self.encode_moments(image)
             _tick(progress)
@@ -149,24 +166,22 @@ class OneStepGenerator(torch.nn.Module):
         latents = posterior.sample(generator=generator) if sample else posterior.mode()
         return latents * self.latent_scaling_factor
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(self.vae_dtype) / self.latent_scaling_factor).sample
-
     def decode(
         self,
         latents: torch.Tensor,
         *,
         tile_size: int | None = None,
-        tile_padding: int = 11,
         progress: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Image ``(B, 3, fH, fW)`` in [-1, 1] (clamped) from model latents; ``tile_size`` (latent px) enables tiling."""
-        if tile_size:
-            image = tiled_vae_apply(
-                self.decode_latents, self.vae.decoder, latents, tile_size, tile_padding, self.vae_scale_factor, progress
-            )
+        """Image ``(B, 3, fH, fW)`` in [-1, 1] (clamped) from model latents; ``tile_size`` (latent pixels) enables
+        the tiled decoder for latents larger than one tile."""
+        unscaled = latents.to(self.vae_dtype) / self.latent_scaling_factor
+        height, width = latents.shape[-2:]
+        if tile_size and count_vae_tiles(height, width, tile_size, DECODER_TILE_PADDING) > 1:
+            steps = decoder_steps(self.vae)
+            image = tiled_vae_apply(steps, unscaled, tile_size, DECODER_TILE_PADDING, self.vae_scale_factor, progress)
         else:
-            image = self.decode_latents(latents)
+            image = self.vae.decode(unscaled).sample
             _tick(progress)
         return image.float().clamp(-1, 1)
 

@@ -16,7 +16,7 @@ from PIL import Image
 from .color import apply_color_fix
 from .generator import OneStepGenerator
 from .options import UpscaleOptions
-from .tiling import count_latent_tiles, count_vae_tiles
+from .tiling import count_latent_tiles
 
 ProgressFn = Callable[[int, int], None]
 """``progress(done, total)``, called after every tile; it may raise to cancel the run."""
@@ -96,11 +96,14 @@ class Upscaler:
         return bool(options.tile_size) and max(ph, pw) // self.generator.vae_scale_factor > options.tile_size
 
     def _count(self, ph: int, pw: int, options: UpscaleOptions) -> int:
-        lh, lw = ph // self.generator.vae_scale_factor, pw // self.generator.vae_scale_factor
-        encoder = count_vae_tiles(ph, pw, options.vae_encoder_tile_size, 32) if options.vae_encoder_tile_size else 1
+        g = self.generator
+        lh, lw = ph // g.vae_scale_factor, pw // g.vae_scale_factor
         latent = count_latent_tiles(lh, lw, options.tile_size, options.tile_overlap) if self._latent_tiled(ph, pw, options) else 1
-        decoder = count_vae_tiles(lh, lw, options.vae_decoder_tile_size, 11) if options.vae_decoder_tile_size else 1
-        return encoder + latent + decoder
+        return (
+            g.encode_progress_steps(ph, pw, options.vae_encoder_tile_size)
+            + latent
+            + g.decode_progress_steps(lh, lw, options.vae_decoder_tile_size)
+        )
 
     @torch.no_grad()
     def upscale(

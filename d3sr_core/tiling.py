@@ -1,17 +1,9 @@
-"""Tiling, so that memory is bounded by the tile and not by the image.
+"""Latent tiling, so that the denoiser's memory is bounded by the tile and not by the image.
 
-Two kinds:
-
-* **Latent tiles** (:func:`gaussian_blend_predictions`): the denoiser runs on overlapping latent tiles and its
-  *predictions* (epsilon or velocity) are blended with a Gaussian window before the one x0 step, as the official
-  OSEDiff and TSD-SR scripts do. The result differs slightly from an untiled run because each tile sees less
-  context; the Gaussian weights make every border a smooth cross-fade, so no seam appears.
-* **VAE tiles** (:func:`tiled_vae_apply`): the VAE encoder or decoder runs on padded, non-overlapping tiles.
-  GroupNorm would otherwise normalise each tile by its own statistics and give each tile its own colour; here
-  the statistics of every GroupNorm are measured once on a downscaled copy of the whole input and shared by all
-  tiles, so tiles agree in colour while memory stays bounded by the tile. The padding hides the receptive-field
-  border. The mid-block attention of the VAE sees one tile at a time, so the output differs slightly from an
-  untiled pass.
+The denoiser runs on overlapping latent tiles and its *predictions* (epsilon or velocity) are blended with a
+Gaussian window before the one x0 step, as the official OSEDiff and TSD-SR scripts do. The result differs
+slightly from an untiled run because each tile sees less context; the Gaussian weights make every border a
+smooth cross-fade, so no seam appears. The VAE has its own tiling in ``tiled_vae.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +13,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 GAUSSIAN_VARIANCE = 0.01
 """Variance of the tile window, in units of the squared tile size (OSEDiff's ``_gaussian_weights``)."""
@@ -94,100 +85,3 @@ def gaussian_blend_predictions(
             if progress is not None:
                 progress()
     return blended / weight_sum
-
-
-class SharedGroupNormStatistics:
-    """Within this context every ``nn.GroupNorm`` under ``root`` either records its input statistics
-    (``mode = "record"``) or normalises with the recorded ones instead of its own (``mode = "replay"``).
-
-    Statistics are the per-sample, per-group mean and (biased) variance, kept in float32.
-    """
-
-    def __init__(self, root: torch.nn.Module):
-        self.norms = [m for m in root.modules() if isinstance(m, torch.nn.GroupNorm)]
-        self.stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.mode = "record"
-
-    def __enter__(self) -> "SharedGroupNormStatistics":
-        for norm in self.norms:
-            norm.forward = self._bound(norm)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for norm in self.norms:
-            del norm.forward
-
-    def _bound(self, norm: torch.nn.GroupNorm) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda x: self._forward(norm, x)
-
-    def _forward(self, norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        batch, groups = x.shape[0], norm.num_groups
-        grouped = x.float().reshape(batch, groups, -1)
-        if self.mode == "record":
-            var, mean = torch.var_mean(grouped, dim=2, unbiased=False)
-            self.stats[id(norm)] = (mean, var)
-        else:
-            mean, var = self.stats[id(norm)]
-        y = ((grouped - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape).to(x.dtype)
-        if norm.affine:
-            y = y * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
-        return y
-
-
-def _even_bounds(size: int, tile: int, unit: int) -> list[tuple[int, int]]:
-    """Split ``[0, size)`` into near-equal spans of at most ``tile`` whose inner bounds are multiples of ``unit``."""
-    count = math.ceil(size / tile)
-    cuts = [0] + [round(i * size / count / unit) * unit for i in range(1, count)] + [size]
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
-def count_vae_tiles(height: int, width: int, tile: int, padding: int) -> int:
-    if height <= tile + 2 * padding and width <= tile + 2 * padding:
-        return 1
-    return math.ceil(height / tile) * math.ceil(width / tile)
-
-
-def tiled_vae_apply(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    norm_root: torch.nn.Module,
-    x: torch.Tensor,
-    tile: int,
-    padding: int,
-    ratio: float,
-    progress: Callable[[], None] | None = None,
-) -> torch.Tensor:
-    """Apply a VAE half ``fn`` (encoder: ``ratio = 1/8``; decoder: ``ratio = 8``) to ``x`` ``(B, C, H, W)`` tile by tile.
-
-    ``tile`` and ``padding`` are in units of ``x``. Inputs no larger than ``tile + 2 * padding`` run in one pass.
-    Otherwise the GroupNorm statistics of ``norm_root`` are recorded on a copy of ``x`` downscaled (area) to fit
-    one tile, then every padded tile runs with those statistics and its centre is pasted into the output.
-    """
-    height, width = x.shape[-2:]
-    if height <= tile + 2 * padding and width <= tile + 2 * padding:
-        out = fn(x)
-        if progress is not None:
-            progress()
-        return out
-    unit = max(1, round(1 / ratio))
-    shrink = tile / max(height, width)
-    small_size = (max(unit, round(height * shrink / unit) * unit), max(unit, round(width * shrink / unit) * unit))
-    out = None
-    with SharedGroupNormStatistics(norm_root) as shared:
-        fn(F.interpolate(x.float(), size=small_size, mode="area").to(x.dtype))
-        shared.mode = "replay"
-        for y0, y1 in _even_bounds(height, tile, unit):
-            for x0, x1 in _even_bounds(width, tile, unit):
-                py0, py1 = max(0, y0 - padding), min(height, y1 + padding)
-                px0, px1 = max(0, x0 - padding), min(width, x1 + padding)
-                tile_out = fn(x[..., py0:py1, px0:px1])
-                if out is None:
-                    size = (round(height * ratio), round(width * ratio))
-                    out = torch.empty(*tile_out.shape[:2], *size, device=tile_out.device, dtype=tile_out.dtype)
-                oy, ox = round((y0 - py0) * ratio), round((x0 - px0) * ratio)
-                h, w = round((y1 - y0) * ratio), round((x1 - x0) * ratio)
-                out[..., round(y0 * ratio) : round(y0 * ratio) + h, round(x0 * ratio) : round(x0 * ratio) + w] = (
-                    tile_out[..., oy : oy + h, ox : ox + w]
-                )
-                if progress is not None:
-                    progress()
-    return out
