@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from .backbones import BaseModel
+from .backbones.base import FAMILIES
 from .files import PICKLE_SUFFIXES, ModelFileError, atomic_output, read_pickle, read_safetensors
 from .generator import PREDICTION_TYPES, OneStepGenerator, alphas_cumprod_from_config
 from .lora import (
@@ -252,9 +253,8 @@ def build_generator(
     """
     source = checkpoint.source or "the checkpoint"
     if checkpoint.base_family != base.family:
-        raise ModelFileError(
-            f"{source} was made for a {checkpoint.base_family} base model, but {base.source} is a {base.family} model."
-        )
+        made_for = FAMILIES.get(checkpoint.base_family, checkpoint.base_family)
+        raise ModelFileError(f"{source} was made for base family {made_for}, but {base.source} is {FAMILIES[base.family]}.")
     config = base.scheduler_config
     if checkpoint.prediction_type != "flow" and config.get("prediction_type", "epsilon") != checkpoint.prediction_type:
         raise ModelFileError(

@@ -32,12 +32,13 @@ class LoadedImage:
     """8 or 16: the precision to write the result with."""
 
 
-def _png_bit_depth(path: Path) -> int | None:
+def _png_header(path: Path) -> tuple[int, int, int] | None:
+    """``(width, height, bit depth)`` from a PNG's IHDR chunk, or ``None`` for another kind of file."""
     with open(path, "rb") as f:
         head = f.read(25)
     if head[:8] != b"\x89PNG\r\n\x1a\n" or len(head) < 25:
         return None
-    return head[24]
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"), head[24]
 
 
 def _read_png16(path: Path) -> LoadedImage:
@@ -57,8 +58,11 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         raise ImageFileError(f"{path} does not exist or is not a file; expected an image.")
     if path.stat().st_size == 0:
         raise ImageFileError(f"{path} is empty (0 bytes); expected an image.")
+    header = _png_header(path)
+    if header is not None and (header[0] == 0 or header[1] == 0):
+        raise ImageFileError(f"{path} has no pixels ({header[0]}x{header[1]}).")
     try:
-        if _png_bit_depth(path) == 16:
+        if header is not None and header[2] == 16:
             loaded = _read_png16(path)
         else:
             with Image.open(path) as im:

@@ -10,7 +10,8 @@ import torch
 
 from ..generator import PredictFn
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
+FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3"}
+"""Base-model families and their display names."""
 
 
 def detect_family_from_unet_config(config: dict) -> str:

@@ -1,0 +1,170 @@
+"""``d3sr upscale | convert | info`` end to end on tiny models: unusual valid input works, bad input gets one clear
+error each and leaves no output file."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import png
+import pytest
+import torch
+from PIL import Image
+
+from d3sr_cli.main import main
+from d3sr_core.backbones import load_base
+from d3sr_core.checkpoints import convert_checkpoint, load_checkpoint, save_checkpoint
+from d3sr_core.image_io import read_image
+from tiny_models import write_osediff_pkl
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, tiny_base_dir):
+    folder = tmp_path_factory.mktemp("model")
+    write_osediff_pkl(folder / "osediff.pkl")
+    return folder / "osediff.pkl"
+
+
+def upscale(args, model, base):
+    return main(["upscale", *map(str, args), "--model", str(model), "--base", str(base)])
+
+
+def photo(height, width, channels=3, seed=0):
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((-(-height // 6), -(-width // 6), channels))
+    big = np.kron(coarse, np.ones((6, 6, 1)))[:height, :width]
+    return np.clip(big + 0.05 * rng.random((height, width, channels)), 0, 1)
+
+
+def test_rgb_odd_size(tmp_path, model, tiny_base_dir):
+    Image.fromarray((photo(37, 53) * 255).astype(np.uint8)).save(tmp_path / "odd.png")
+    assert upscale([tmp_path / "odd.png", "-o", tmp_path / "out", "--seed", 3], model, tiny_base_dir) == 0
+    out = Image.open(tmp_path / "out" / "odd.png")
+    assert out.size == (53 * 4, 37 * 4) and out.mode == "RGB"
+
+
+def test_info_prints_metadata_json(model, capsys):
+    assert main(["info", str(model)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "osediff" and info["timestep"] == "999" and len(info["adapters"]) == 4
+
+
+def test_rgba_alpha_passes_through_upscaled(tmp_path, model, tiny_base_dir):
+    rgba = photo(40, 48, 4)
+    rgba[..., 3] = np.linspace(0, 1, 48)[None, :]
+    Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA").save(tmp_path / "a.png")
+    assert upscale([tmp_path / "a.png", "-o", tmp_path / "out", "--scale", 2], model, tiny_base_dir) == 0
+    out = np.asarray(Image.open(tmp_path / "out" / "a.png")).astype(np.float32) / 255
+    assert out.shape == (80, 96, 4)
+    alpha_in = torch.from_numpy(np.asarray(Image.open(tmp_path / "a.png"))[..., 3].astype(np.float32) / 255)
+    expected = torch.nn.functional.interpolate(alpha_in[None, None], size=(80, 96), mode="bicubic", align_corners=False)
+    assert np.abs(out[..., 3] - expected[0, 0].clamp(0, 1).numpy()).max() < 0.03
+    assert np.abs(out[..., 3].mean(axis=0) - np.linspace(0, 1, 96)).max() < 0.05
+
+
+def test_16bit_png_is_read_and_written_at_full_precision(tmp_path, model, tiny_base_dir):
+    data = (photo(32, 40) * 65535).round().astype(np.uint16)
+    data[0, 0] = [1000, 1001, 1002]  # not representable in 8 bits
+    png.Writer(40, 32, greyscale=False, bitdepth=16).write(open(tmp_path / "deep.png", "wb"), data.reshape(32, 120))
+    loaded = read_image(tmp_path / "deep.png")
+    assert loaded.bit_depth == 16
+    assert loaded.pixels[:, 0, 0].mul(65535).round().tolist() == [1000, 1001, 1002]
+    assert upscale([tmp_path / "deep.png", "-o", tmp_path / "out"], model, tiny_base_dir) == 0
+    width, height, _, info = png.Reader(filename=str(tmp_path / "out" / "deep.png")).read()
+    assert (width, height, info["bitdepth"]) == (160, 128, 16)
+
+
+def test_grayscale_stays_grayscale(tmp_path, model, tiny_base_dir):
+    Image.fromarray((photo(30, 30, 1)[..., 0] * 255).astype(np.uint8), "L").save(tmp_path / "g.jpg")
+    assert upscale([tmp_path / "g.jpg", "-o", tmp_path / "out"], model, tiny_base_dir) == 0
+    out = Image.open(tmp_path / "out" / "g.png")
+    assert out.mode == "L" and out.size == (120, 120)
+
+
+def test_seed_makes_vae_sampling_deterministic(tmp_path, model, tiny_base_dir):
+    Image.fromarray((photo(24, 24) * 255).astype(np.uint8)).save(tmp_path / "s.png")
+    results = []
+    for run, seed in ((1, 7), (2, 7), (3, 8)):
+        args = [tmp_path / "s.png", "-o", tmp_path / f"o{run}", "--vae-sample", "sample", "--seed", seed]
+        assert upscale(args, model, tiny_base_dir) == 0
+        results.append(np.asarray(Image.open(tmp_path / f"o{run}" / "s.png")))
+    assert np.array_equal(results[0], results[1])
+    assert not np.array_equal(results[0], results[2])
+
+
+def assert_one_error(capsys, *fragments):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("d3sr: error: ") and err.count("\n") == 0, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_corrupt_and_empty_images_fail_cleanly(tmp_path, model, tiny_base_dir, capsys):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    assert upscale([tmp_path / "corrupt.png", "-o", tmp_path / "out"], model, tiny_base_dir) == 1
+    assert_one_error(capsys, "corrupt.png is not a readable image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert upscale([tmp_path / "empty.png", "-o", tmp_path / "out"], model, tiny_base_dir) == 1
+    assert_one_error(capsys, "empty.png is empty (0 bytes)")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_zero_pixel_image_fails_cleanly(tmp_path, model, tiny_base_dir, capsys):
+    header = png.Writer(1, 1, greyscale=True)
+    with open(tmp_path / "zero.png", "wb") as f:
+        header.write(f, [[0]])
+    raw = bytearray((tmp_path / "zero.png").read_bytes())
+    raw[16:24] = (0).to_bytes(4, "big") + (0).to_bytes(4, "big")  # IHDR width and height = 0
+    (tmp_path / "zero.png").write_bytes(bytes(raw))
+    assert upscale([tmp_path / "zero.png", "-o", tmp_path / "out"], model, tiny_base_dir) == 1
+    assert_one_error(capsys, "zero.png has no pixels (0x0)")
+    assert not (tmp_path / "out" / "zero.png").exists()
+
+
+def test_truncated_safetensors_is_refused(tmp_path, model, tiny_base_dir, capsys):
+    good = convert_checkpoint(model, tmp_path / "good.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    Image.fromarray((photo(16, 16) * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    assert upscale([tmp_path / "x.png", "-o", tmp_path / "out"], tmp_path / "cut.safetensors", tiny_base_dir) == 2
+    assert_one_error(capsys, "cut.safetensors is not a readable .safetensors file")
+    assert not (tmp_path / "out").exists()
+
+
+class RunsAShellCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch"])
+def test_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path, capsys, writer):
+    marker = tmp_path / "pwned"
+    payload = {"rank_unet": 4, "state_dict_unet": RunsAShellCommand(marker)}
+    path = tmp_path / "evil.pkl"
+    if writer == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    else:
+        torch.save(payload, path)
+    assert main(["info", str(path)]) == 2
+    assert_one_error(capsys, "evil.pkl was refused because it holds more than tensors")
+    assert not marker.exists()
+
+
+def test_checkpoint_for_another_base_family_is_refused(tmp_path, model, tiny_base_dir, capsys):
+    checkpoint = load_checkpoint(model)
+    checkpoint.base_family = "sdxl"
+    save_checkpoint(checkpoint, tmp_path / "xl.safetensors")
+    Image.fromarray((photo(16, 16) * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    assert upscale([tmp_path / "x.png", "-o", tmp_path / "out"], tmp_path / "xl.safetensors", tiny_base_dir) == 2
+    assert_one_error(capsys, "xl.safetensors was made for base family SDXL", "is SD 2.x")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_with_prompt_stores_the_embedding(tmp_path, model, tiny_base_dir):
+    out = tmp_path / "m.safetensors"
+    assert main(["convert", str(model), "-o", str(out), "--base", str(tiny_base_dir), "--prompt", ""]) == 0
+    stored = load_checkpoint(out).conditioning["prompt_embeds"]
+    assert torch.equal(stored, load_base(tiny_base_dir).encode_prompt("")["prompt_embeds"])
