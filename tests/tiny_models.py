@@ -74,12 +74,25 @@ def tiny_text_encoder(seed: int = 2) -> CLIPTextModel:
     return CLIPTextModel(CLIPTextConfig(**TINY_TEXT)).eval()
 
 
-def write_diffusers_base(folder: Path, *, text_encoder: bool = True) -> Path:
-    """A diffusers SD 2.x folder of tiny models (no tokenizer: only the empty prompt can be encoded)."""
+def tiny_tokenizer(folder: Path):
+    """A CLIP tokenizer with SD 2.x's special ids (start 49406, end 49407, pad "!" = 0) and single letters as words."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"!": 0, "<|startoftext|>": 49406, "<|endoftext|>": 49407}
+    for i, c in enumerate("abcdefghijklmnopqrstuvwxyz"):
+        vocab[c], vocab[c + "</w>"] = 1 + i, 27 + i
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!", model_max_length=77)
+
+
+def write_diffusers_base(folder: Path) -> Path:
+    """A diffusers SD 2.x folder of tiny models, with a tokenizer and a text encoder."""
     tiny_unet().save_pretrained(folder / "unet")
     tiny_vae().save_pretrained(folder / "vae")
-    if text_encoder:
-        tiny_text_encoder().save_pretrained(folder / "text_encoder")
+    tiny_text_encoder().save_pretrained(folder / "text_encoder")
+    tiny_tokenizer(folder / "tokenizer_files").save_pretrained(folder / "tokenizer")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     shutil.copy(SHIPPED_CONFIG_DIR / "scheduler.json", folder / "scheduler" / "scheduler_config.json")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
