@@ -43,14 +43,20 @@ def resolve_dtypes(name: str, device: torch.device) -> tuple[torch.dtype, torch.
 
 
 def pil_bicubic_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize ``(B, C, H, W)`` to ``size = (h, w)`` with PIL's bicubic filter (OSEDiff's upsampler), per channel in float."""
-    out = torch.empty(*images.shape[:2], *size, dtype=torch.float32)
+    """Resize ``(B, C, H, W)`` in [0, 1] to ``size = (h, w)`` with PIL's bicubic filter, as OSEDiff does.
+
+    Images that hold 8-bit values go through PIL's 8-bit path, which rounds and clips between its horizontal and
+    vertical passes, so results equal OSEDiff's bit for bit; other images (16-bit, float) use PIL's float path.
+    """
     arrays = images.detach().float().cpu().numpy()
-    for b in range(images.shape[0]):
-        for c in range(images.shape[1]):
-            resized = Image.fromarray(np.ascontiguousarray(arrays[b, c])).resize((size[1], size[0]), Image.BICUBIC)
-            out[b, c] = torch.from_numpy(np.array(resized, dtype=np.float32))
-    return out.clamp(0, 1).to(images.device)
+    eight_bit = np.abs(arrays * 255 - np.round(arrays * 255)).max() < 1e-3
+    out = np.empty((*arrays.shape[:2], *size), dtype=np.float32)
+    for b in range(arrays.shape[0]):
+        for c in range(arrays.shape[1]):
+            plane = np.round(arrays[b, c] * 255).astype(np.uint8) if eight_bit else np.ascontiguousarray(arrays[b, c])
+            resized = np.asarray(Image.fromarray(plane).resize((size[1], size[0]), Image.BICUBIC), dtype=np.float32)
+            out[b, c] = resized / 255 if eight_bit else resized
+    return torch.from_numpy(out).clamp(0, 1).to(images.device)
 
 
 def torch_bicubic_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
