@@ -31,7 +31,9 @@ def test_batch_equals_images_one_by_one(upscaler):
 
 
 def test_progress_counts_every_tile_and_ends_at_total(upscaler):
-    options = UpscaleOptions(scale=4, tile_size=8, tile_overlap=2, vae_encoder_tile_size=64, vae_decoder_tile_size=8)
+    options = UpscaleOptions(
+        scale=4, min_process_side=0, tile_size=8, tile_overlap=2, vae_encoder_tile_size=64, vae_decoder_tile_size=8
+    )
     calls = []
     image = random_image(30, 41)
     upscaler.upscale(image, options, lambda done, total: calls.append((done, total)))
