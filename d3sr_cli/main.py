@@ -154,6 +154,7 @@ def run_info(args: argparse.Namespace) -> int:
     info["adapters"] = json.loads(info["adapters"])
     info["defaults"] = json.loads(info["defaults"])
     info["file"] = str(args.model)
+    info["file_format"] = "d3sr .safetensors" if Path(args.model).suffix == ".safetensors" else "OSEDiff .pkl"
     info["tensors"] = len(checkpoint.tensors)
     info["parameters"] = sum(t.numel() for t in checkpoint.tensors.values())
     print(json.dumps(info, indent=2))
