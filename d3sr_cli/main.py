@@ -25,8 +25,9 @@ def _add_upscale(sub) -> None:
     )
     p.add_argument("inputs", nargs="+", help=f"image files or folders ({', '.join(IMAGE_SUFFIXES)})")
     p.add_argument("-o", "--output-dir", required=True, help="folder for the PNG results (<input name>.png)")
-    p.add_argument("--model", help="one-step checkpoint: ours (.safetensors) or OSEDiff (.pkl)")
-    p.add_argument("--base", help="base model: diffusers folder or single-file SD 2.x .safetensors/.ckpt")
+    p.add_argument("--model", help="one-step checkpoint: ours (.safetensors), OSEDiff (.pkl) or a TSD-SR folder")
+    p.add_argument("--embeddings", help="folder with TSD-SR's prompt_embeds.pt and pool_embeds.pt (default: --model)")
+    p.add_argument("--base", help="base model: SD 2.x or SD3 diffusers folder, or single-file SD 2.x .safetensors/.ckpt")
     p.add_argument("--base-config", help="config folder for a single-file base that is not SD 2.1-base")
     p.add_argument("--scale", type=int, help="upscaling factor (default: the model's, 4 for OSEDiff)")
     p.add_argument("--upsample", choices=UPSAMPLERS, help="pre-upsampling filter (default: the method's)")
@@ -48,8 +49,9 @@ def _add_upscale(sub) -> None:
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert an official checkpoint to the d3sr .safetensors format")
-    p.add_argument("source", help="OSEDiff .pkl (or one of ours)")
+    p.add_argument("source", help="OSEDiff .pkl, TSD-SR folder (or one of ours)")
     p.add_argument("-o", "--output", required=True, help="destination .safetensors")
+    p.add_argument("--embeddings", help="folder with TSD-SR's prompt_embeds.pt and pool_embeds.pt (default: source)")
     p.add_argument("--base", help="base model whose text encoder embeds --prompt into the checkpoint")
     p.add_argument("--base-config", help="config folder for a single-file base that is not SD 2.1-base")
     p.add_argument("--prompt", help="store this prompt's embedding, so inference needs no text encoder")
@@ -58,7 +60,8 @@ def _add_convert(sub) -> None:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print a checkpoint's metadata as JSON")
-    p.add_argument("model", help="one-step checkpoint file")
+    p.add_argument("model", help="one-step checkpoint file or TSD-SR folder")
+    p.add_argument("--embeddings", help="folder with TSD-SR's prompt_embeds.pt and pool_embeds.pt (default: model)")
     p.set_defaults(run=run_info)
 
 
@@ -97,7 +100,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         raise CommandError(f"several inputs would write {duplicates[0]}.png; give inputs with distinct names.")
     if not args.model or not args.base:
         raise CommandError("--model and --base are required: no default model is bundled yet.")
-    checkpoint = load_checkpoint(args.model)
+    checkpoint = load_checkpoint(args.model, embeddings_dir=args.embeddings)
     vae_tile = args.vae_tile_size
     options = checkpoint.defaults.updated(
         scale=args.scale,
@@ -141,7 +144,7 @@ def run_convert(args: argparse.Namespace) -> int:
         from d3sr_core.backbones import load_base
 
         prompt_embeds = load_base(args.base, args.base_config).encode_prompt(args.prompt)["prompt_embeds"]
-    out = convert_checkpoint(args.source, args.output, prompt_embeds=prompt_embeds)
+    out = convert_checkpoint(args.source, args.output, prompt_embeds=prompt_embeds, embeddings_dir=args.embeddings)
     print(f"{args.source} -> {out}")
     return 0
 
@@ -149,12 +152,15 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from d3sr_core.checkpoints import load_checkpoint
 
-    checkpoint = load_checkpoint(args.model)
+    checkpoint = load_checkpoint(args.model, embeddings_dir=args.embeddings)
     info = checkpoint.metadata()
     info["adapters"] = json.loads(info["adapters"])
     info["defaults"] = json.loads(info["defaults"])
     info["file"] = str(args.model)
-    info["file_format"] = "d3sr .safetensors" if Path(args.model).suffix == ".safetensors" else "OSEDiff .pkl"
+    info["file_format"] = (
+        "TSD-SR folder" if Path(args.model).is_dir()
+        else "d3sr .safetensors" if Path(args.model).suffix == ".safetensors" else "OSEDiff .pkl"
+    )
     info["tensors"] = len(checkpoint.tensors)
     info["parameters"] = sum(t.numel() for t in checkpoint.tensors.values())
     print(json.dumps(info, indent=2))

@@ -1,7 +1,7 @@
 """Every one-step checkpoint format in and out, and the generator built from a checkpoint and a base model.
 
-**Ours** is one ``.safetensors`` file. Tensors are named ``<component>.<name>`` with component ``unet`` or
-``vae``: LoRA weights keep peft's names (``unet.<module>.lora_A.<adapter>.weight``), fully replaced weights
+**Ours** is one ``.safetensors`` file. Tensors are named ``<component>.<name>`` with component ``unet``,
+``transformer`` or ``vae``: LoRA weights keep peft's names (``unet.<module>.lora_A.<adapter>.weight``), fully replaced weights
 use the plain module names (``unet.conv_in.weight``), and a stored prompt embedding is
 ``conditioning.prompt_embeds``. ``__metadata__`` (all strings) holds:
 
@@ -20,12 +20,18 @@ use the plain module names (``unet.conv_in.weight``), and a stored prompt embedd
 
 **OSEDiff** ``.pkl`` (read only): the dict written by ``OSEDiff_gen.save_model`` (reference/methods.md 1.2), read
 with the weights-only unpickler. Its LoRA alpha is peft's default (8), which the file does not store.
+
+**TSD-SR** folder (read only; methods.md 2.2): ``transformer.safetensors`` and ``vae.safetensors`` whose keys are
+``transformer.<module>.lora_A.weight`` / ``lora_B`` (no adapter name, the same prefix even in the VAE file), and
+the fixed prompt embeddings ``prompt_embeds.pt`` ``(1, 333, 4096)`` and ``pool_embeds.pt`` ``(1, 2048)`` (the
+batch dimension may be missing). Rank and alpha are not stored: rank is read from the tensors, alpha = rank.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +40,7 @@ from safetensors.torch import save_file
 
 from .backbones import BaseModel
 from .backbones.base import FAMILIES
-from .files import PICKLE_SUFFIXES, ModelFileError, atomic_output, read_pickle, read_safetensors
+from .files import PICKLE_SUFFIXES, ModelFileError, atomic_output, read_pickle, read_safetensors, require_file
 from .generator import PREDICTION_TYPES, OneStepGenerator, alphas_cumprod_from_config
 from .lora import (
     PEFT_DEFAULT_LORA_ALPHA,
@@ -51,7 +57,7 @@ from .options import PRESETS, UpscaleOptions
 
 FORMAT_NAME = "d3sr-onestep"
 FORMAT_VERSION = 1
-COMPONENTS = ("unet", "vae")
+COMPONENTS = ("unet", "transformer", "vae")
 CONDITIONING_PREFIX = "conditioning."
 
 
@@ -185,21 +191,115 @@ def read_osediff_pkl(path: str | os.PathLike) -> OneStepCheckpoint:
     )
 
 
-def load_checkpoint(path: str | os.PathLike) -> OneStepCheckpoint:
-    """Read any supported one-step checkpoint: ours (``.safetensors``) or OSEDiff (``.pkl``/``.pt``/``.pth``)."""
+TSDSR_TRANSFORMER_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                             "proj", "linear", "proj_out")
+"""TSD-SR's ``target_modules``: peft's suffix rule makes them also hit ``pos_embed.proj``, the norm linears and
+``proj_out``, so the loader applies the same list rather than a list of full names."""
+TSDSR_KEY = re.compile(r"transformer\.(.+)\.lora_([AB])\.weight")
+
+
+def _read_tsdsr_lora(file: Path, component: str, rank: int | None, what: str) -> tuple[dict, int, tuple[str, ...]]:
+    """``(tensors in our naming, rank, module names)`` of one TSD-SR LoRA file."""
+    state, _ = read_safetensors(file, what)
+    tensors, modules = {}, []
+    for key, value in state.items():
+        match = TSDSR_KEY.fullmatch(key)
+        if match is None:
+            raise ModelFileError(f"{file} has the key {key!r}; expected transformer.<module>.lora_A.weight or .lora_B.weight.")
+        tensors[f"{component}.{match[1]}.lora_{match[2]}.default.weight"] = value
+        if match[2] == "A":
+            modules.append(match[1])
+    ranks = sorted({state[f"transformer.{m}.lora_A.weight"].shape[0] for m in modules})
+    if len(ranks) != 1:
+        raise ModelFileError(f"{file} mixes LoRA ranks {ranks}; expected one rank for the whole file.")
+    if rank is not None and rank != ranks[0]:
+        raise ModelFileError(f"{file} holds rank-{ranks[0]} LoRA weights, but rank {rank} was given.")
+    return tensors, ranks[0], tuple(modules)
+
+
+def _read_embedding(path: Path, shape_names: str, ndim: int) -> torch.Tensor:
+    """A prompt embedding ``.pt`` with a leading batch dimension of 1 added if missing."""
+    tensor = read_pickle(path, f"a TSD-SR prompt embedding {shape_names}")
+    if isinstance(tensor, torch.Tensor) and tensor.ndim == ndim - 1:
+        tensor = tensor[None]
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != ndim or tensor.shape[0] != 1:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ModelFileError(f"{path} holds {shape}; expected a tensor {shape_names} (the batch dimension may be missing).")
+    return tensor
+
+
+def read_tsdsr_dir(
+    path: str | os.PathLike,
+    *,
+    embeddings_dir: str | os.PathLike | None = None,
+    rank: int | None = None,
+    rank_vae: int | None = None,
+) -> OneStepCheckpoint:
+    """An official TSD-SR LoRA folder as a :class:`OneStepCheckpoint`.
+
+    ``embeddings_dir`` holds ``prompt_embeds.pt`` and ``pool_embeds.pt`` (the official ``dataset/default/``);
+    by default they are looked for in ``path`` itself. ``rank``/``rank_vae`` are checked against the tensors.
+    """
     path = Path(path)
+    what = "a TSD-SR LoRA folder (transformer.safetensors and vae.safetensors)"
+    transformer_file = require_file(path / "transformer.safetensors", what)
+    vae_file = require_file(path / "vae.safetensors", what)
+    transformer_tensors, rank, _ = _read_tsdsr_lora(transformer_file, "transformer", rank, what)
+    vae_tensors, rank_vae, vae_modules = _read_tsdsr_lora(vae_file, "vae", rank_vae, what)
+    embeddings = Path(embeddings_dir) if embeddings_dir else path
+    missing = [n for n in ("prompt_embeds.pt", "pool_embeds.pt") if not (embeddings / n).is_file()]
+    if missing:
+        raise ModelFileError(
+            f"{embeddings} has no {' or '.join(missing)}: TSD-SR needs its fixed prompt embeddings; put them there "
+            "or give the folder that holds them (the official dataset/default/)."
+        )
+    conditioning = {
+        "prompt_embeds": _read_embedding(embeddings / "prompt_embeds.pt", "(1, tokens, dim)", 3),
+        "pooled_prompt_embeds": _read_embedding(embeddings / "pool_embeds.pt", "(1, dim)", 2),
+    }
+    return OneStepCheckpoint(
+        method="tsdsr",
+        base_family="sd3",
+        prediction_type="flow",
+        timestep=1000,
+        scale=4,
+        adapters=[
+            AdapterSpec("default", "transformer", rank, rank, TSDSR_TRANSFORMER_TARGETS),
+            # The official VAE list names modules in full; the file's own keys give exactly those that exist.
+            AdapterSpec("default", "vae", rank_vae, rank_vae, vae_modules),
+        ],
+        tensors={**transformer_tensors, **vae_tensors},
+        conditioning=conditioning,
+        defaults=PRESETS["tsdsr"],
+        source=path,
+    )
+
+
+def load_checkpoint(path: str | os.PathLike, *, embeddings_dir: str | os.PathLike | None = None) -> OneStepCheckpoint:
+    """Read any supported one-step checkpoint: ours (``.safetensors``), OSEDiff (``.pkl``/``.pt``/``.pth``), or a
+    TSD-SR folder (``embeddings_dir`` as in :func:`read_tsdsr_dir`)."""
+    path = Path(path)
+    expected = "a one-step SR checkpoint (.safetensors, OSEDiff .pkl, or a TSD-SR folder)"
     if not path.exists():
-        raise ModelFileError(f"{path} does not exist; expected a one-step SR checkpoint (.safetensors or OSEDiff .pkl).")
+        raise ModelFileError(f"{path} does not exist; expected {expected}.")
+    if path.is_dir():
+        return read_tsdsr_dir(path, embeddings_dir=embeddings_dir)
     if path.suffix == ".safetensors":
         return _read_ours(path)
     if path.suffix in PICKLE_SUFFIXES:
         return read_osediff_pkl(path)
-    raise ModelFileError(f"{path} has an unknown extension; expected a one-step SR checkpoint (.safetensors or OSEDiff .pkl).")
+    raise ModelFileError(f"{path} has an unknown extension; expected {expected}.")
 
 
-def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, prompt_embeds: torch.Tensor | None = None) -> Path:
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    prompt_embeds: torch.Tensor | None = None,
+    embeddings_dir: str | os.PathLike | None = None,
+) -> Path:
     """Convert any readable checkpoint to ours; ``prompt_embeds`` ``(1, 77, D)`` is stored with it when given."""
-    checkpoint = load_checkpoint(src)
+    checkpoint = load_checkpoint(src, embeddings_dir=embeddings_dir)
     if prompt_embeds is not None:
         checkpoint.conditioning["prompt_embeds"] = prompt_embeds
     return save_checkpoint(checkpoint, dst)
@@ -208,7 +308,13 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, prompt
 def _load_component(model: torch.nn.Module, component: str, checkpoint: OneStepCheckpoint) -> None:
     """Add the component's adapters to ``model`` and copy every checkpoint tensor of the component into it."""
     source = checkpoint.source or "the checkpoint"
-    add_adapters(model, [s for s in checkpoint.adapters if s.component == component])
+    specs = [s for s in checkpoint.adapters if s.component == component]
+    try:
+        add_adapters(model, specs)
+    except ValueError as err:  # peft: no target matched
+        raise ModelFileError(
+            f"{source} has a {component} adapter whose targets match no module of the base model ({err})."
+        ) from None
     prefix = component + "."
     given = {k[len(prefix):]: v for k, v in checkpoint.tensors.items() if k.startswith(prefix)}
     expected_lora = lora_state_keys(model)
@@ -247,7 +353,7 @@ def build_generator(
 ) -> OneStepGenerator:
     """The generator of ``checkpoint`` on ``base`` (fp32, on the base's device).
 
-    The base model's UNet and VAE are changed in place and become the generator's: load a fresh base for
+    The base model's denoiser and VAE are changed in place and become the generator's: load a fresh base for
     another checkpoint. ``prompt`` overrides the stored prompt embedding; without either the empty prompt is used.
     ``merge_lora`` folds the adapters into the weights, which gives the same output faster.
     """
@@ -261,22 +367,30 @@ def build_generator(
             f"{source} expects a base with {checkpoint.prediction_type} prediction, but {base.source} uses "
             f"{config.get('prediction_type')}."
         )
-    _load_component(base.denoiser, "unet", checkpoint)
+    foreign = sorted({k.split(".")[0] for k in checkpoint.tensors} - {base.denoiser_component, "vae"})
+    if foreign:
+        raise ModelFileError(f"{source} has {foreign[0]} weights, but {base.source} has no {foreign[0]}.")
+    _load_component(base.denoiser, base.denoiser_component, checkpoint)
     _load_component(base.vae, "vae", checkpoint)
     if prompt is not None or not checkpoint.conditioning:
         conditioning = base.encode_prompt(prompt or "")
     else:
         conditioning = checkpoint.conditioning
+    for name, width in base.conditioning_widths().items():
+        if name not in conditioning or conditioning[name].shape[-1] != width:
+            found = tuple(conditioning[name].shape) if name in conditioning else "nothing"
+            raise ModelFileError(f"{source} gives {name} of shape {found}; {base.source} expects a last dimension of {width}.")
+    flow = checkpoint.prediction_type == "flow"
     # DDPMScheduler clamps x0 unless its config says clip_sample=false (its default is true).
-    clip_range = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", True) else None
+    clips = not flow and config.get("clip_sample", True)
     generator = OneStepGenerator(
         base.vae,
         base.denoiser,
         base.predict_fn,
         prediction_type=checkpoint.prediction_type,
         timestep=checkpoint.timestep,
-        alphas_cumprod=alphas_cumprod_from_config(config),
-        clip_sample_range=clip_range,
+        alphas_cumprod=None if flow else alphas_cumprod_from_config(config),
+        clip_sample_range=float(config.get("clip_sample_range", 1.0)) if clips else None,
         latent_scaling_factor=base.vae.config.scaling_factor,
         conditioning=conditioning,
     )

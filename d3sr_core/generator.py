@@ -111,7 +111,8 @@ class OneStepGenerator(torch.nn.Module):
         self.alphas_cumprod = alphas_cumprod
         self.clip_sample_range = clip_sample_range
         self.latent_scaling_factor = float(latent_scaling_factor)
-        self.conditioning = dict(conditioning)
+        # Fresh copies: tensors read from a file can be unaligned views, and CPU kernels round those differently.
+        self.conditioning = {k: v.detach().clone() for k, v in conditioning.items()}
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @property

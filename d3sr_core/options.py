@@ -80,4 +80,7 @@ class UpscaleOptions:
 PRESETS = {
     # test_osediff.py: PIL bicubic x4, process size 512, --align_method adain, latent tiles 96/32, VAE tiles 1024/224.
     "osediff": UpscaleOptions(),
+    # test_tsdsr.py: torch bicubic x4, process size 512, --align_method wavelet (the paper's table used adain with
+    # the tsdsr-mse weights), latent tiles 64/8 blending the velocity, VAE tiles 1024/224.
+    "tsdsr": UpscaleOptions(upsample="torch_bicubic", color_fix="wavelet", tile_size=64, tile_overlap=8),
 }

@@ -32,7 +32,7 @@ def test_generator_uses_stored_embedding_else_empty_prompt_else_given_prompt(tin
     with_embedding = OneStepCheckpoint("none", "sd2", "epsilon", 999, 4, [], {}, {"prompt_embeds": stored})
     empty = load_base(tiny_base_dir).encode_prompt("")["prompt_embeds"]
     assert torch.equal(build_generator(plain, load_base(tiny_base_dir)).conditioning["prompt_embeds"], empty)
-    assert build_generator(with_embedding, load_base(tiny_base_dir)).conditioning["prompt_embeds"] is stored
+    assert torch.equal(build_generator(with_embedding, load_base(tiny_base_dir)).conditioning["prompt_embeds"], stored)
     given = build_generator(with_embedding, load_base(tiny_base_dir), prompt="ab").conditioning["prompt_embeds"]
     assert torch.equal(given, load_base(tiny_base_dir).encode_prompt("ab")["prompt_embeds"])
 

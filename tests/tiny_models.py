@@ -270,3 +270,89 @@ def write_single_file(path: Path, unet, vae, extra: dict | None = None) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     else:
         torch.save({"state_dict": state, "global_step": 123}, path)
+
+
+# SD3 / TSD-SR: a tiny SD3Transformer2DModel and 16-channel VAE, LoRA added the way TSD-SR's test_tsdsr.py adds it.
+TINY_SD3 = dict(
+    sample_size=32,
+    patch_size=2,
+    in_channels=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    joint_attention_dim=32,
+    caption_projection_dim=32,
+    pooled_projection_dim=24,
+    out_channels=16,
+    pos_embed_max_size=32,
+)
+TINY_SD3_VAE = {**TINY_VAE, "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+                "use_quant_conv": False, "use_post_quant_conv": False}
+TSDSR_TRANSFORMER_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                             "proj", "linear", "proj_out"]
+
+
+def tiny_sd3_transformer(seed: int = 3):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(**TINY_SD3)
+    perturb_(model, seed)
+    return model.eval()
+
+
+def tiny_sd3_vae(seed: int = 4) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**TINY_SD3_VAE)
+    perturb_(vae, seed)
+    return vae.eval()
+
+
+def write_sd3_base(folder: Path) -> Path:
+    tiny_sd3_transformer().save_pretrained(folder / "transformer")
+    tiny_sd3_vae().save_pretrained(folder / "vae")
+    return folder
+
+
+def tsdsr_vae_targets(vae) -> list[str]:
+    """TSD-SR's explicit VAE list, generated for this VAE: every encoder conv, the mid-block attention
+    projections, and quant_conv (which the SD3 VAE does not have, so it matches nothing)."""
+    targets = []
+    for name, module in vae.named_modules():
+        if name.startswith("encoder.") and isinstance(module, torch.nn.Conv2d):
+            targets.append(name)
+        elif name.startswith("encoder.mid_block.attentions.0.") and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v"):
+            targets.append(name)
+        elif name == "encoder.mid_block.attentions.0.to_out.0":
+            targets.append(name)
+    return targets + ["quant_conv"]
+
+
+def write_tsdsr_dir(folder: Path, rank: int = 4, seed: int = 20, batch_dim: bool = True) -> dict:
+    """A TSD-SR LoRA folder (transformer.safetensors, vae.safetensors, prompt_embeds.pt, pool_embeds.pt) for the
+    tiny SD3 models, saved as TSD-SR's save_model_hook does. Returns the tensors as saved."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    transformer, vae = tiny_sd3_transformer(), tiny_sd3_vae()
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                       target_modules=TSDSR_TRANSFORMER_TARGETS))
+    vae.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=tsdsr_vae_targets(vae)))
+    gen = torch.Generator().manual_seed(seed)
+    saved = {}
+    for name, model in (("transformer", transformer), ("vae", vae)):
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_" in pname:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        state = {"transformer." + k: v.contiguous() for k, v in get_peft_model_state_dict(model, adapter_name="default").items()}
+        save_file(state, str(folder / f"{name}.safetensors"))
+        saved[name] = state
+    prompt = torch.randn(1, 7, TINY_SD3["joint_attention_dim"], generator=gen)
+    pooled = torch.randn(1, TINY_SD3["pooled_projection_dim"], generator=gen)
+    torch.save(prompt if batch_dim else prompt[0], folder / "prompt_embeds.pt")
+    torch.save(pooled if batch_dim else pooled[0], folder / "pool_embeds.pt")
+    saved["prompt_embeds"], saved["pooled_prompt_embeds"] = prompt, pooled
+    return saved

@@ -33,7 +33,7 @@ class BaseModel:
 
     Attributes:
         family: one of ``FAMILIES``.
-        denoiser: the UNet (or transformer).
+        denoiser: the UNet or transformer.
         vae: the ``AutoencoderKL``.
         predict_fn: how to call ``denoiser`` (see ``generator.PredictFn``).
         scheduler_config: the diffusers scheduler config (noise schedule, prediction type, clip_sample).
@@ -48,7 +48,16 @@ class BaseModel:
     scheduler_config: dict
     source: Path
     prompt_encoder: Callable[[str], dict[str, torch.Tensor]] | None = None
+    denoiser_component: str = "unet"
+    """The name checkpoints give the denoiser's tensors: ``unet`` or ``transformer``."""
     _prompt_cache: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def conditioning_widths(self) -> dict[str, int]:
+        """The conditioning tensors the denoiser needs and the size of their last dimension."""
+        config = self.denoiser.config
+        if self.denoiser_component == "transformer":
+            return {"prompt_embeds": config.joint_attention_dim, "pooled_prompt_embeds": config.pooled_projection_dim}
+        return {"prompt_embeds": config.cross_attention_dim}
 
     def encode_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
         """Conditioning tensors for ``prompt`` (each with batch dimension 1), computed once per prompt and cached."""

@@ -127,6 +127,8 @@ def _build_with_weights(factory, state: dict, path: Path, what: str) -> torch.nn
 def _from_single_file(path: Path, config_dir: Path, load_text_encoder: bool) -> BaseModel:
     what = "a single-file SD 2.x checkpoint (original key layout)"
     checkpoint = read_state_dict(path, what)
+    if any(k.startswith("model.diffusion_model.joint_blocks.") for k in checkpoint):
+        raise ModelFileError(f"{path} is a single-file SD3 checkpoint; SD3 bases load from a diffusers folder.")
     if LDM_UNET_PROBE_KEY not in checkpoint or LDM_VAE_PROBE_KEY not in checkpoint:
         raise ModelFileError(f"{path} has no UNet and VAE in the original key layout; expected {what}.")
     unet_config = _read_json(config_dir / "unet.json")

@@ -1,0 +1,58 @@
+"""Stable Diffusion 3 bases: ``SD3Transformer2DModel`` (rectified-flow velocity) + the 16-channel ``AutoencoderKL``.
+
+Only the transformer and the VAE are loaded: TSD-SR conditions on fixed, precomputed prompt embeddings, so no
+text encoder is needed at inference. The SD3-medium configs ship in ``configs/sd3_medium`` for reference and
+for benchmarks with random weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+from ..files import ModelFileError
+from .base import BaseModel
+
+SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs" / "sd3_medium"
+
+
+def predict_transformer(
+    transformer: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, conditioning: dict
+) -> torch.Tensor:
+    return transformer(
+        hidden_states=latents,
+        timestep=timestep,
+        encoder_hidden_states=conditioning["prompt_embeds"],
+        pooled_projections=conditioning["pooled_prompt_embeds"],
+    ).sample
+
+
+def is_sd3_folder(path: Path) -> bool:
+    config = path / "transformer" / "config.json"
+    if not config.is_file():
+        return False
+    with open(config, encoding="utf-8") as f:
+        return json.load(f).get("_class_name") == "SD3Transformer2DModel"
+
+
+def load_sd3_base(path: Path) -> BaseModel:
+    """An SD3 diffusers folder (``transformer/``, ``vae/``), fp32, CPU, eval."""
+    if not (path / "vae" / "config.json").is_file():
+        raise ModelFileError(f"{path} is not a diffusers SD3 folder: vae/config.json is missing.")
+    transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    with open(scheduler_file if scheduler_file.is_file() else SHIPPED_CONFIG_DIR / "scheduler.json", encoding="utf-8") as f:
+        scheduler_config = json.load(f)
+    return BaseModel(
+        family="sd3",
+        denoiser=transformer.eval().requires_grad_(False),
+        vae=vae.eval().requires_grad_(False),
+        predict_fn=predict_transformer,
+        scheduler_config=scheduler_config,
+        source=path,
+        denoiser_component="transformer",
+    )
