@@ -2,8 +2,8 @@
 
 **Ours** is one ``.safetensors`` file. Tensors are named ``<component>.<name>`` with component ``unet``,
 ``transformer`` or ``vae``: LoRA weights keep peft's names (``unet.<module>.lora_A.<adapter>.weight``), fully replaced weights
-use the plain module names (``unet.conv_in.weight``), and a stored prompt embedding is
-``conditioning.prompt_embeds``. ``__metadata__`` (all strings) holds:
+use the plain module names (``unet.conv_in.weight``), and stored prompt embeddings are
+``conditioning.prompt_embeds`` (and ``conditioning.pooled_prompt_embeds`` for SD3). ``__metadata__`` (all strings) holds:
 
 =====================  ===============================================================
 ``format``             ``"d3sr-onestep"``

@@ -156,3 +156,20 @@ def test_tsdsr_on_an_sd2_base_is_refused(tsdsr, tiny_base_dir):
     folder, _ = tsdsr
     with pytest.raises(ModelFileError, match="made for base family SD3, but .* is SD 2.x"):
         build_generator(load_checkpoint(folder), load_base(tiny_base_dir))
+
+
+def test_one_transformer_in_half_precision_with_lora_merged(tsdsr, sd3_base):
+    """SD3-medium is 2B parameters: the generator reuses the base's transformer (no copy), LoRA is folded in,
+    and a bf16 run keeps the transformer and VAE in bf16."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    folder, _ = tsdsr
+    base = load_base(sd3_base)
+    transformer = base.denoiser
+    upscaler = Upscaler(build_generator(load_checkpoint(folder), base), dtype="bf16")
+    assert upscaler.generator.denoiser is transformer
+    for module in (upscaler.generator.denoiser, upscaler.generator.vae):
+        assert not any(isinstance(m, BaseTunerLayer) for m in module.modules())
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    out = upscaler.upscale(random_image(32, 32), EXACT)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
