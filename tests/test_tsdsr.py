@@ -104,12 +104,17 @@ def test_embeddings_without_batch_dimension_and_from_another_folder(tmp_path, ts
         load_checkpoint(lora)
 
 
-def test_cli_upscales_with_tsdsr_folder_end_to_end(tsdsr, sd3_base, tmp_path):
+@pytest.mark.parametrize("form", ["folder", "converted"])
+def test_cli_upscales_end_to_end(tsdsr, sd3_base, tmp_path, form):
     from PIL import Image
 
     folder, _ = tsdsr
+    model = folder
+    if form == "converted":
+        model = tmp_path / "tsdsr.safetensors"
+        assert main(["convert", str(folder), "-o", str(model)]) == 0
     Image.fromarray((random_image(20, 28)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "lr.png")
-    args = ["upscale", str(tmp_path / "lr.png"), "-o", str(tmp_path / "out"), "--model", str(folder), "--base", str(sd3_base)]
+    args = ["upscale", str(tmp_path / "lr.png"), "-o", str(tmp_path / "out"), "--model", str(model), "--base", str(sd3_base)]
     assert main(args) == 0
     assert Image.open(tmp_path / "out" / "lr.png").size == (112, 80)
 
