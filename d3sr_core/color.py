@@ -62,3 +62,11 @@ def apply_color_fix(method: str, content: torch.Tensor, source: torch.Tensor) ->
     if method == "none":
         return content
     raise ValueError(f"color fix {method!r} is not one of {COLOR_FIXES}.")
+
+
+def color_fix_to_reference(method: str, content: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_color_fix` toward ``reference`` ``(B, 3, h, w)`` of any size, first resized (bicubic) to
+    ``content``'s size; a single reference image serves a whole batch."""
+    if reference.shape[-2:] != content.shape[-2:]:
+        reference = F.interpolate(reference.float(), size=content.shape[-2:], mode="bicubic", align_corners=False)
+    return apply_color_fix(method, content, reference.clamp(0, 1).expand_as(content))

@@ -84,3 +84,27 @@ PRESETS = {
     # the tsdsr-mse weights), latent tiles 64/8 blending the velocity, VAE tiles 1024/224.
     "tsdsr": UpscaleOptions(upsample="torch_bicubic", color_fix="wavelet", tile_size=64, tile_overlap=8),
 }
+
+
+MIN_TILE_SIZE = 16
+MIN_VAE_ENCODER_TILE_SIZE = 256
+MIN_VAE_DECODER_TILE_SIZE = 32
+
+
+def halved_tiles(options: UpscaleOptions) -> UpscaleOptions | None:
+    """``options`` with every tile halved (overlap kept below the tile), for a retry after running out of memory;
+    ``None`` when all tiles are already at their floor (16 latent, 256 image and 32 latent pixels)."""
+    tile = max(MIN_TILE_SIZE, options.tile_size // 2) if options.tile_size else MIN_TILE_SIZE * 4
+    encoder = options.vae_encoder_tile_size
+    encoder = max(MIN_VAE_ENCODER_TILE_SIZE, encoder // 2 // 8 * 8) if encoder else MIN_VAE_ENCODER_TILE_SIZE * 4
+    decoder = options.vae_decoder_tile_size
+    decoder = max(MIN_VAE_DECODER_TILE_SIZE, decoder // 2) if decoder else MIN_VAE_DECODER_TILE_SIZE * 4
+    if (tile, encoder, decoder) == (options.tile_size, options.vae_encoder_tile_size, options.vae_decoder_tile_size):
+        return None
+    return replace(
+        options,
+        tile_size=tile,
+        tile_overlap=min(options.tile_overlap, tile // 2),
+        vae_encoder_tile_size=encoder,
+        vae_decoder_tile_size=decoder,
+    )

@@ -124,9 +124,26 @@ def _build_with_weights(factory, state: dict, path: Path, what: str) -> torch.nn
     return model
 
 
-def _from_single_file(path: Path, config_dir: Path, load_text_encoder: bool) -> BaseModel:
+def _from_single_file(path: Path, config_dir: str | os.PathLike | None, load_text_encoder: bool) -> BaseModel:
+    checkpoint = read_state_dict(path, "a single-file SD 2.x checkpoint (original key layout)")
+    return sd2_base_from_ldm_state_dict(checkpoint, path, config_dir, load_text_encoder=load_text_encoder)
+
+
+def sd2_base_from_ldm_state_dict(
+    checkpoint: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    config_dir: str | os.PathLike | None = None,
+    *,
+    load_text_encoder: bool = True,
+) -> BaseModel:
+    """An SD 2.x base from weights in the original (LDM) key layout: ``model.diffusion_model.*`` for the UNet,
+    ``first_stage_model.*`` for the VAE, optionally ``cond_stage_model.model.*`` for the OpenCLIP text encoder.
+
+    This is what single files hold, and what a host that keeps SD models in that layout (ComfyUI) can hand over.
+    ``path`` names the source in messages; ``config_dir`` defaults to the shipped SD 2.1-base configs.
+    """
     what = "a single-file SD 2.x checkpoint (original key layout)"
-    checkpoint = read_state_dict(path, what)
+    config_dir = Path(config_dir) if config_dir else SHIPPED_CONFIG_DIR
     if any(k.startswith("model.diffusion_model.joint_blocks.") for k in checkpoint):
         raise ModelFileError(f"{path} is a single-file SD3 checkpoint; SD3 bases load from a diffusers folder.")
     if LDM_UNET_PROBE_KEY not in checkpoint or LDM_VAE_PROBE_KEY not in checkpoint:
@@ -158,15 +175,18 @@ def _from_single_file(path: Path, config_dir: Path, load_text_encoder: bool) -> 
         _check_weights(expected, converted, path, "text encoder")
         text_encoder.load_state_dict({k: converted[k] for k in expected}, strict=False)
         prompt_encoder = make_prompt_encoder(text_encoder, None, path)
-    return BaseModel(
+    base = BaseModel(
         family=detect_family_from_unet_config(unet_config),
         denoiser=unet,
         vae=vae,
         predict_fn=predict_unet,
         scheduler_config=_read_json(config_dir / "scheduler.json"),
-        source=path,
+        source=Path(path),
         prompt_encoder=prompt_encoder,
     )
+    base.denoiser.eval().requires_grad_(False)
+    base.vae.eval().requires_grad_(False)
+    return base
 
 
 def load_sd2_base(
@@ -178,8 +198,7 @@ def load_sd2_base(
         raise ModelFileError(f"{path} does not exist; expected an SD 2.x base model (diffusers folder or single file).")
     if path.is_dir():
         base = _from_diffusers_folder(path, load_text_encoder)
-    else:
-        base = _from_single_file(path, Path(config_dir) if config_dir else SHIPPED_CONFIG_DIR, load_text_encoder)
-    base.denoiser.eval().requires_grad_(False)
-    base.vae.eval().requires_grad_(False)
-    return base
+        base.denoiser.eval().requires_grad_(False)
+        base.vae.eval().requires_grad_(False)
+        return base
+    return _from_single_file(path, config_dir, load_text_encoder)

@@ -1,0 +1,79 @@
+"""Load a one-step SR model with its base model (a file or folder, or the graph's own MODEL and VAE)."""
+
+from dataclasses import dataclass
+
+from comfy_api.latest import io
+
+from d3sr_core.backbones import load_base
+from d3sr_core.backbones.sd2 import sd2_base_from_ldm_state_dict
+from d3sr_core.checkpoints import build_generator, load_checkpoint
+from d3sr_core.generator import OneStepGenerator
+from d3sr_core.options import DTYPES, UpscaleOptions
+
+from .model_folder import base_path, list_bases, list_models, model_path
+
+D3SR_MODEL = io.Custom("D3SR_MODEL")
+FROM_GRAPH = "(from the model and vae inputs)"
+
+
+@dataclass
+class LoadedModel:
+    """What flows along a D3SR_MODEL link: the built generator and its method's defaults."""
+
+    generator: OneStepGenerator
+    defaults: UpscaleOptions
+    precision: str
+
+
+def graph_state_dict(model, vae) -> dict:
+    """A ComfyUI SD 2.x MODEL and VAE as one state dict in the original single-file key layout."""
+    model_type = getattr(getattr(model.model, "model_type", None), "name", "EPS")
+    if model_type != "EPS":
+        raise ValueError(f"the connected MODEL predicts {model_type}; one-step SR models need SD 2.x with epsilon prediction (SD 2.1-base).")
+    state = {"model.diffusion_model." + k: v for k, v in model.model.diffusion_model.state_dict().items()}
+    state.update({"first_stage_model." + k: v for k, v in vae.first_stage_model.state_dict().items()})
+    return state
+
+
+class ModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="D3SRModelLoader",
+            display_name="Load One-Step SR Model (D3SR)",
+            category="loaders",
+            description="Loads a one-step diffusion SR model (OSEDiff, TSD-SR, D3SR, TAD-SR) onto its base model.",
+            inputs=[
+                io.Combo.Input(
+                    "model_name",
+                    options=list_models(),
+                    tooltip="One-step SR weights from models/d3sr: a d3sr .safetensors, an OSEDiff .pkl, or a TSD-SR folder.",
+                ),
+                io.Combo.Input(
+                    "base_name",
+                    options=[FROM_GRAPH, *list_bases()],
+                    tooltip="The base the weights were trained on: SD 2.1-base for OSEDiff, SD3-medium (diffusers folder) "
+                    "for TSD-SR. Pick the first entry to reuse the MODEL and VAE of a checkpoint loader (SD 2.x only).",
+                ),
+                io.Combo.Input(
+                    "precision",
+                    options=list(DTYPES),
+                    default="auto",
+                    tooltip="auto: fp32 on CPU, bf16 or fp16 on GPU as ComfyUI prefers. fp16 keeps the VAE in fp32.",
+                ),
+                io.Model.Input("model", optional=True, tooltip="SD 2.x MODEL to use as the base (with base_name set to the first entry)."),
+                io.Vae.Input("vae", optional=True, tooltip="The VAE that goes with model."),
+            ],
+            outputs=[D3SR_MODEL.Output(display_name="d3sr_model")],
+        )
+
+    @classmethod
+    def execute(cls, model_name, base_name, precision, model=None, vae=None) -> io.NodeOutput:
+        checkpoint = load_checkpoint(model_path(model_name))
+        if base_name == FROM_GRAPH:
+            if model is None or vae is None:
+                raise ValueError("base_name asks for the graph's MODEL and VAE, but they are not both connected.")
+            base = sd2_base_from_ldm_state_dict(graph_state_dict(model, vae), "the connected MODEL and VAE")
+        else:
+            base = load_base(base_path(base_name), load_text_encoder=not checkpoint.conditioning)
+        return io.NodeOutput(LoadedModel(build_generator(checkpoint, base), checkpoint.defaults, precision))

@@ -1,0 +1,49 @@
+"""The ``models/d3sr`` folder, registered with ComfyUI's ``folder_paths`` (``extra_model_paths.yaml`` can add more)."""
+
+import os
+
+import folder_paths
+
+FOLDER = "d3sr"
+MODEL_SUFFIXES = {".safetensors", ".pkl", ".pt", ".pth"}
+TSDSR_FILES = ("transformer.safetensors", "vae.safetensors")
+
+
+def register_model_folder() -> None:
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+    paths, _ = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, MODEL_SUFFIXES)
+
+
+def list_models() -> list[str]:
+    """Model files, with a TSD-SR folder (``name/transformer.safetensors`` + ``name/vae.safetensors``) as ``name/``."""
+    names = folder_paths.get_filename_list(FOLDER)
+    folders = {n.rsplit("/", 1)[0] for n in names if "/" in n and n.rsplit("/", 1)[1] == TSDSR_FILES[0]}
+    singles = [n for n in names if not (n.rsplit("/", 1)[0] in folders and "/" in n)]
+    return sorted(singles + [f + "/" for f in folders])
+
+
+def model_path(name: str) -> str:
+    if name.endswith("/"):
+        return os.path.dirname(folder_paths.get_full_path_or_raise(FOLDER, name + TSDSR_FILES[0]))
+    return folder_paths.get_full_path_or_raise(FOLDER, name)
+
+
+def list_bases() -> list[str]:
+    """Single-file checkpoints from ``models/checkpoints`` and diffusers folders from ``models/diffusers``."""
+    files = folder_paths.get_filename_list("checkpoints")
+    folders = []
+    for root in folder_paths.get_folder_paths("diffusers"):
+        if os.path.isdir(root):
+            folders += [f"diffusers/{d}" for d in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, d, "model_index.json")) or os.path.isdir(os.path.join(root, d, "vae"))]
+    return files + folders
+
+
+def base_path(name: str) -> str:
+    if name.startswith("diffusers/"):
+        folder = name[len("diffusers/"):]
+        for root in folder_paths.get_folder_paths("diffusers"):
+            if os.path.isdir(os.path.join(root, folder)):
+                return os.path.join(root, folder)
+        raise FileNotFoundError(f"the diffusers folder {folder!r} is not in any models/diffusers path.")
+    return folder_paths.get_full_path_or_raise("checkpoints", name)

@@ -1,0 +1,40 @@
+"""Stand-in for comfy.model_management: a CPU host with an interrupt flag."""
+
+import torch
+
+interrupt_processing = False
+
+
+class InterruptProcessingException(Exception):
+    pass
+
+
+def get_torch_device():
+    return torch.device("cpu")
+
+
+def unet_offload_device():
+    return torch.device("cpu")
+
+
+def intermediate_device():
+    return torch.device("cpu")
+
+
+def should_use_fp16(device=None, model_params=0, prioritize_performance=True, manual_cast=False):
+    return False
+
+
+def should_use_bf16(device=None, model_params=0, prioritize_performance=True, manual_cast=False):
+    return False
+
+
+def soft_empty_cache(force=False):
+    pass
+
+
+def throw_exception_if_processing_interrupted():
+    global interrupt_processing
+    if interrupt_processing:
+        interrupt_processing = False
+        raise InterruptProcessingException()

@@ -1,0 +1,188 @@
+"""The ComfyUI node classes against the stand-in in tests/comfy_stub (the real server is in test_comfyui_server.py)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from d3sr_core.backbones import load_base
+from d3sr_core.checkpoints import build_generator, load_checkpoint
+from d3sr_core.options import PRESETS
+from d3sr_core.pipeline import Upscaler
+from tiny_models import random_image, write_diffusers_base, write_osediff_pkl, write_sd3_base, write_tsdsr_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+STUB = Path(__file__).resolve().parent / "comfy_stub"
+HOST_MODULES = ("folder_paths", "comfy", "comfy_api")
+
+
+def _forget_modules():
+    for name in list(sys.modules):
+        if name.split(".")[0] in HOST_MODULES + ("d3sr_pack",):
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    (root / "d3sr").mkdir()
+    write_osediff_pkl(root / "d3sr" / "osediff.pkl")
+    write_tsdsr_dir(root / "d3sr" / "tsdsr")
+    write_diffusers_base(root / "diffusers" / "tiny-sd2")
+    write_sd3_base(root / "diffusers" / "tiny-sd3")
+    (root / "checkpoints").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def pack(models):
+    """The repository root imported as ComfyUI imports a custom node folder, over the stand-in host."""
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("D3SR_TEST_MODELS_DIR", str(models))
+    monkey.syspath_prepend(str(STUB))
+    _forget_modules()
+    spec = importlib.util.spec_from_file_location("d3sr_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["d3sr_pack"] = module
+    spec.loader.exec_module(module)
+    yield module
+    _forget_modules()
+    monkey.undo()
+
+
+def inputs_of(node):
+    return {i.id: i for i in node.define_schema().inputs}
+
+
+def test_mappings_and_tooltips(pack):
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"D3SRModelLoader", "D3SRUpscale", "D3SRColorFix"}
+    for node in pack.NODE_CLASS_MAPPINGS.values():
+        assert all(i.tooltip for i in node.define_schema().inputs), node
+
+
+def test_loader_lists_models_and_bases(pack):
+    loader = pack.NODE_CLASS_MAPPINGS["D3SRModelLoader"]
+    assert inputs_of(loader)["model_name"].options == ["osediff.pkl", "tsdsr/"]
+    bases = inputs_of(loader)["base_name"].options
+    assert bases[0].startswith("(from") and "diffusers/tiny-sd2" in bases and "diffusers/tiny-sd3" in bases
+
+
+def upscale_inputs(**changes):
+    values = dict(scale=2, tile_size=0, tile_overlap=-1, vae_tile_size=0, color_fix="method default", vae_sample="mode", seed=0)
+    return {**values, **changes}
+
+
+@pytest.mark.parametrize("model_name, base_name", [("osediff.pkl", "diffusers/tiny-sd2"), ("tsdsr/", "diffusers/tiny-sd3")])
+def test_upscale_node_equals_core(pack, models, model_name, base_name):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    loaded = nodes["D3SRModelLoader"].execute(model_name, base_name, "auto").args[0]
+    image = torch.cat([random_image(24, 32, seed=1), random_image(24, 32, seed=2)]).movedim(1, -1)  # [B, H, W, C]
+    out = nodes["D3SRUpscale"].execute(loaded, image, **upscale_inputs()).args[0]
+    assert out.shape == (2, 48, 64, 3)
+    checkpoint_path = models / "d3sr" / model_name
+    checkpoint = load_checkpoint(checkpoint_path)
+    generator = build_generator(checkpoint, load_base(models / base_name))
+    options = checkpoint.defaults.updated(scale=2, vae_sample="mode", seed=0)
+    upscaler = Upscaler(generator, dtype="fp32")
+    for index in range(2):
+        expected = upscaler.upscale(image[index : index + 1].movedim(-1, 1), options)
+        assert torch.equal(out[index : index + 1], expected.movedim(1, -1))
+
+
+def test_progress_interrupt_and_oom_backoff(pack, monkeypatch):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    nodes = pack.NODE_CLASS_MAPPINGS
+    loaded = nodes["D3SRModelLoader"].execute("osediff.pkl", "diffusers/tiny-sd2", "fp32").args[0]
+    image = random_image(24, 32).movedim(1, -1)
+    nodes["D3SRUpscale"].execute(loaded, image, **upscale_inputs())
+    bar = comfy.utils.BARS[-1]
+    assert bar.values[-1] == bar.total and bar.values == sorted(bar.values)
+
+    mm.interrupt_processing = True
+    with pytest.raises(mm.InterruptProcessingException):
+        nodes["D3SRUpscale"].execute(loaded, image, **upscale_inputs())
+
+    tried = []
+    real = Upscaler.upscale
+
+    def fails_with_big_tiles(self, images, options, progress=None):
+        tried.append(options.tile_size)
+        if options.tile_size > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory")  # before any work, like a failed allocation
+        return real(self, images, options, progress)
+
+    monkeypatch.setattr(Upscaler, "upscale", fails_with_big_tiles)
+    out = nodes["D3SRUpscale"].execute(loaded, image, **upscale_inputs(tile_size=64)).args[0]
+    assert tried == [64, 32, 16] and out.shape == (1, 48, 64, 3)
+
+
+def test_loader_takes_the_base_from_the_graph(pack, models, monkeypatch, tmp_path):
+    """A checkpoint loader's MODEL and VAE (ComfyUI keeps SD in the original key layout) serve as the base."""
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    from d3sr_core.backbones import sd2
+    from tiny_models import tiny_unet, tiny_vae, write_single_file
+
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "unet.json").write_text(json.dumps(dict(tiny_unet().config)))
+    (config / "vae.json").write_text(json.dumps(dict(tiny_vae().config)))
+    shutil.copy(sd2.SHIPPED_CONFIG_DIR / "scheduler.json", config / "scheduler.json")
+    monkeypatch.setattr(sd2, "SHIPPED_CONFIG_DIR", config)  # the tiny model stands in for SD 2.1-base
+    write_single_file(tmp_path / "ldm.safetensors", tiny_unet(), tiny_vae())
+    from safetensors.torch import load_file
+
+    ldm = load_file(str(tmp_path / "ldm.safetensors"))
+    unet_sd = {k[len("model.diffusion_model."):]: v for k, v in ldm.items() if k.startswith("model.diffusion_model.")}
+    vae_sd = {k[len("first_stage_model."):]: v for k, v in ldm.items() if k.startswith("first_stage_model.")}
+    graph_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=SimpleNamespace(state_dict=lambda: unet_sd)))
+    graph_vae = SimpleNamespace(first_stage_model=SimpleNamespace(state_dict=lambda: vae_sd))
+    from d3sr_core.checkpoints import convert_checkpoint
+
+    embeds = load_base(models / "diffusers" / "tiny-sd2").encode_prompt("")["prompt_embeds"]
+    convert_checkpoint(models / "d3sr" / "osediff.pkl", models / "d3sr" / "with_prompt.safetensors", prompt_embeds=embeds)
+    nodes = pack.NODE_CLASS_MAPPINGS
+    loader = nodes["D3SRModelLoader"]
+    from_graph = loader.execute("with_prompt.safetensors", inputs_of(loader)["base_name"].options[0], "fp32", graph_model, graph_vae)
+    from_folder = loader.execute("with_prompt.safetensors", "diffusers/tiny-sd2", "fp32")
+    image = random_image(16, 24).movedim(1, -1)
+    a = nodes["D3SRUpscale"].execute(from_graph.args[0], image, **upscale_inputs()).args[0]
+    b = nodes["D3SRUpscale"].execute(from_folder.args[0], image, **upscale_inputs()).args[0]
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="not both connected"):
+        loader.execute("with_prompt.safetensors", inputs_of(loader)["base_name"].options[0], "fp32", graph_model, None)
+
+
+def test_color_fix_node_keeps_alpha(pack):
+    node = pack.NODE_CLASS_MAPPINGS["D3SRColorFix"]
+    image = torch.rand(1, 32, 32, 4)
+    reference = torch.full((1, 8, 8, 3), 0.25)
+    out = node.execute(image, reference, "adain").args[0]
+    assert out.shape == (1, 32, 32, 4) and torch.equal(out[..., 3], image[..., 3])
+    assert abs(out[..., :3].mean().item() - 0.25) < 0.02
+
+
+def test_missing_dependency_gives_an_explaining_node():
+    code = f"""
+import importlib.abc, importlib.util, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'diffusers':
+            raise ModuleNotFoundError("No module named 'diffusers'", name='diffusers')
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, {str(STUB)!r})
+spec = importlib.util.spec_from_file_location('pack', {str(ROOT / '__init__.py')!r}, submodule_search_locations=[{str(ROOT)!r}])
+module = importlib.util.module_from_spec(spec); sys.modules['pack'] = module; spec.loader.exec_module(module)
+node = module.NODE_CLASS_MAPPINGS['D3SRMissingDependencies']
+print(node.DESCRIPTION)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "'diffusers' is missing" in result.stdout and "requirements.txt" in result.stdout
