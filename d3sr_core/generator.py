@@ -114,6 +114,9 @@ class OneStepGenerator(torch.nn.Module):
         # Fresh copies: tensors read from a file can be unaligned views, and CPU kernels round those differently.
         self.conditioning = {k: v.detach().clone() for k, v in conditioning.items()}
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        # A transformer cuts latents into patches, so latent sides and tiles must be multiples of its patch size.
+        self.patch_size = int(getattr(getattr(denoiser, "config", None), "patch_size", None) or 1)
+        self.pixel_multiple = self.vae_scale_factor * self.patch_size
 
     @property
     def denoiser_dtype(self) -> torch.dtype:
@@ -130,15 +133,16 @@ class OneStepGenerator(torch.nn.Module):
             hidden = self.vae.quant_conv(hidden)
         return hidden
 
-    def encode_progress_steps(self, height: int, width: int, tile_size: int | None) -> int:
-        """How often :meth:`encode` calls ``progress`` for an ``height x width`` image."""
-        tiles = count_vae_tiles(height, width, tile_size, ENCODER_TILE_PADDING) if tile_size else 1
-        return 1 if tiles == 1 else tiles * (count_norms(encoder_steps(self.vae)) + 1)
+    def vae_progress_steps(self, half: str, height: int, width: int, tile_size: int | None) -> int:
+        """How often :meth:`encode` (``half="encoder"``, image pixels) or :meth:`decode` (``"decoder"``, latent
+        pixels) calls ``progress`` for an input of ``height x width``."""
+        padding, steps = {"encoder": (ENCODER_TILE_PADDING, encoder_steps), "decoder": (DECODER_TILE_PADDING, decoder_steps)}[half]
+        tiles = count_vae_tiles(height, width, tile_size, padding) if tile_size else 1
+        return 1 if tiles == 1 else tiles * (count_norms(steps(self.vae)) + 1)
 
-    def decode_progress_steps(self, height: int, width: int, tile_size: int | None) -> int:
-        """How often :meth:`decode` calls ``progress`` for ``height x width`` latents."""
-        tiles = count_vae_tiles(height, width, tile_size, DECODER_TILE_PADDING) if tile_size else 1
-        return 1 if tiles == 1 else tiles * (count_norms(decoder_steps(self.vae)) + 1)
+    def latent_tile(self, tile_size: int) -> int:
+        """``tile_size`` rounded down to a whole number of patches (at least one)."""
+        return max(self.patch_size, tile_size // self.patch_size * self.patch_size)
 
     def encode(
         self,
@@ -223,8 +227,9 @@ class OneStepGenerator(torch.nn.Module):
     ) -> torch.Tensor:
         """x0 from ``latents``; with ``tile_size`` the prediction is made per tile and Gaussian-blended first."""
         if tile_size:
+            tile = self.latent_tile(tile_size)
             prediction = gaussian_blend_predictions(
-                self.predict, latents, tile_size, tile_overlap, progress, tile_batch_size
+                self.predict, latents, tile, min(tile_overlap, tile - 1), progress, tile_batch_size
             )
         else:
             prediction = self.predict(latents)

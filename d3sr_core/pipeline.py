@@ -25,14 +25,14 @@ ProgressFn = Callable[[int, int], None]
 def resolve_dtypes(name: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     """``(denoiser dtype, VAE dtype)`` for ``name`` in auto/fp32/fp16/bf16 on ``device``.
 
-    ``auto`` is fp32 on the CPU and bf16 (fp16 where bf16 is unsupported) on an accelerator. An fp16 request keeps
+    ``auto`` is fp32 on the CPU and bf16 on an accelerator (fp16 on NVIDIA GPUs older than Ampere). An fp16 request keeps
     the VAE in fp32, because the SD VAE decoder overflows fp16 on large images; bf16 has fp32's range.
     """
     if name == "auto":
         if device.type == "cpu":
             name = "fp32"
-        elif device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            name = "fp16"
+        elif device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            name = "fp16"  # bf16 is only emulated before Ampere
         else:
             name = "bf16"
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -69,8 +69,10 @@ UPSAMPLE_FNS = {"pil_bicubic": pil_bicubic_resize, "torch_bicubic": torch_bicubi
 
 def processing_size(height: int, width: int, options: UpscaleOptions) -> tuple[int, int]:
     """Size at which an ``height x width`` input is processed: ``scale`` x the input, or larger so that the short
-    side reaches ``min_process_side`` as the official scripts do."""
-    factor = max(float(options.scale), options.min_process_side / min(height, width))
+    side reaches ``min_process_side`` as the official scripts do, but never so large that the long side passes
+    ``max(scale x long side, 4 x min_process_side)`` (a 3 x 500 strip is not processed at 512 x 85,000)."""
+    long_limit = max(options.scale * max(height, width), 4 * options.min_process_side)
+    factor = max(float(options.scale), min(options.min_process_side / min(height, width), long_limit / max(height, width)))
     return round(height * factor), round(width * factor)
 
 
@@ -94,7 +96,7 @@ class Upscaler:
 
     def count_steps(self, height: int, width: int, options: UpscaleOptions) -> int:
         """How many progress steps (tiles) :meth:`upscale` takes for an ``height x width`` input."""
-        f = self.generator.vae_scale_factor
+        f = self.generator.pixel_multiple
         ph, pw = (-(-s // f) * f for s in processing_size(height, width, options))
         return self._count(ph, pw, options)
 
@@ -104,11 +106,14 @@ class Upscaler:
     def _count(self, ph: int, pw: int, options: UpscaleOptions) -> int:
         g = self.generator
         lh, lw = ph // g.vae_scale_factor, pw // g.vae_scale_factor
-        latent = count_latent_tiles(lh, lw, options.tile_size, options.tile_overlap) if self._latent_tiled(ph, pw, options) else 1
+        latent = 1
+        if self._latent_tiled(ph, pw, options):
+            tile = g.latent_tile(options.tile_size)
+            latent = count_latent_tiles(lh, lw, tile, min(options.tile_overlap, tile - 1))
         return (
-            g.encode_progress_steps(ph, pw, options.vae_encoder_tile_size)
+            g.vae_progress_steps("encoder", ph, pw, options.vae_encoder_tile_size)
             + latent
-            + g.decode_progress_steps(lh, lw, options.vae_decoder_tile_size)
+            + g.vae_progress_steps("decoder", lh, lw, options.vae_decoder_tile_size)
         )
 
     @torch.no_grad()
@@ -148,7 +153,7 @@ class Upscaler:
     def _run(self, source: torch.Tensor, options: UpscaleOptions, progress: ProgressFn | None) -> torch.Tensor:
         """The one step on an upsampled RGB ``source`` ``(B, 3, H, W)`` in [0, 1]; returns the colour-fixed result."""
         height, width = source.shape[-2:]
-        f = self.generator.vae_scale_factor
+        f = self.generator.pixel_multiple
         pad_h, pad_w = -height % f, -width % f
         lq = F.pad(source.to(self.device) * 2 - 1, (0, pad_w, 0, pad_h), mode="replicate")
         ph, pw = lq.shape[-2:]

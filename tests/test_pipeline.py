@@ -103,3 +103,10 @@ def test_pil_bicubic_equals_pil_on_8bit_images_and_uses_floats_otherwise():
     deep = torch.from_numpy(rng.integers(0, 65536, (1, 1, 20, 30)).astype(np.float32) / 65535)
     resized = pil_bicubic_resize(deep, (80, 120))
     assert not np.allclose(resized.numpy() * 255, np.round(resized.numpy() * 255))  # not quantised to 8 bits
+
+
+def test_processing_size_of_extreme_strips_is_capped():
+    options = UpscaleOptions()  # x4, short side brought to 512
+    assert processing_size(100, 100, options) == (512, 512)
+    assert processing_size(3, 500, options) == (12, 2048)  # long side capped at 4 x 512, not 512 x 85,333
+    assert processing_size(1000, 2000, options) == (4000, 8000)  # large inputs: plain x4

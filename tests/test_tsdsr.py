@@ -178,3 +178,14 @@ def test_one_transformer_in_half_precision_with_lora_merged(tsdsr, sd3_base):
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
     out = upscaler.upscale(random_image(32, 32), EXACT)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("tile_size", [0, 9, 96])
+def test_odd_latent_sizes_and_odd_tiles_fit_the_patch_grid(tsdsr, sd3_base, tile_size):
+    """136 px gives 17 latent pixels, which the transformer's 2x2 patches cannot cover: the pipeline pads to a
+    multiple of 16 pixels and rounds tiles down to whole patches, then crops back."""
+    folder, _ = tsdsr
+    upscaler = Upscaler(build_generator(load_checkpoint(folder), load_base(sd3_base)), dtype="fp32")
+    options = load_checkpoint(folder).defaults.updated(min_process_side=0, tile_size=tile_size, tile_overlap=2)
+    out = upscaler.upscale(random_image(34, 34), options if tile_size else options.updated(tile_size=0))
+    assert out.shape == (1, 3, 136, 136)
