@@ -77,13 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _device(name: str | None):
     import torch
 
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CommandError(f"--device {name!r} is not a device; expected cpu, cuda, cuda:N or mps.") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise CommandError(f"--device {name!r} was asked for, but this torch build has no such device.")
+    return device
 
 
 def run_upscale(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from d3sr_core.backbones import load_base
@@ -98,6 +104,10 @@ def run_upscale(args: argparse.Namespace) -> int:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise CommandError(f"several inputs would write {duplicates[0]}.png; give inputs with distinct names.")
+    out_dir = Path(args.output_dir)
+    clobbered = [f for f in files if (out_dir / f"{f.stem}.png").resolve() == f.resolve()]
+    if clobbered:
+        raise CommandError(f"the result for {clobbered[0]} would overwrite it; choose another --output-dir.")
     if not args.model or not args.base:
         raise CommandError("--model and --base are required: no default model is bundled yet.")
     checkpoint = load_checkpoint(args.model, embeddings_dir=args.embeddings)
@@ -118,7 +128,6 @@ def run_upscale(args: argparse.Namespace) -> int:
     base = load_base(args.base, args.base_config, load_text_encoder=options.prompt is not None or not checkpoint.conditioning)
     generator = build_generator(checkpoint, base, prompt=options.prompt, merge_lora=not args.no_merge_lora)
     upscaler = Upscaler(generator, device=_device(args.device), dtype=args.dtype)
-    out_dir = Path(args.output_dir)
     failures = 0
     for path in files:
         try:
@@ -128,9 +137,10 @@ def run_upscale(args: argparse.Namespace) -> int:
                 result = upscaler.upscale(image.pixels[None], options, lambda done, total: bar.update(done - bar.n))
             out = write_png(out_dir / f"{path.stem}.png", result[0], image.bit_depth)
             tqdm.write(f"{path} -> {out} ({width}x{height} -> {result.shape[-1]}x{result.shape[-2]})")
-        except (ImageFileError, ValueError, torch.OutOfMemoryError) as err:
+        except (ImageFileError, ValueError, RuntimeError) as err:  # RuntimeError includes running out of memory
             failures += 1
-            print(f"d3sr: error: {err}", file=sys.stderr)
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"d3sr: error: {message if isinstance(err, ImageFileError) else f'{path}: {message}'}", file=sys.stderr)
     return 1 if failures else 0
 
 

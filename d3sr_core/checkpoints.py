@@ -12,7 +12,7 @@ use the plain module names (``unet.conv_in.weight``), and stored prompt embeddin
 ``base_family``        the base it needs: ``sd2``, ...
 ``prediction_type``    ``epsilon``, ``v_prediction`` or ``flow``
 ``timestep``           the one timestep, e.g. ``"999"``
-``scale``              the trained upscaling factor
+``scale``              the trained upscaling factor (also the ``scale`` of ``defaults``)
 ``adapters``           JSON list of ``{name, component, rank, alpha, targets}``
 ``prompt_embedding``   ``"true"`` when ``conditioning.prompt_embeds`` is stored
 ``defaults``           JSON of the method's :class:`UpscaleOptions` preset
@@ -69,7 +69,6 @@ class OneStepCheckpoint:
     base_family: str
     prediction_type: str
     timestep: int
-    scale: int
     adapters: list[AdapterSpec]
     tensors: dict[str, torch.Tensor]
     conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -84,7 +83,7 @@ class OneStepCheckpoint:
             "base_family": self.base_family,
             "prediction_type": self.prediction_type,
             "timestep": str(self.timestep),
-            "scale": str(self.scale),
+            "scale": str(self.defaults.scale),
             "adapters": adapters_to_json(self.adapters),
             "prompt_embedding": "true" if "prompt_embeds" in self.conditioning else "false",
             "defaults": json.dumps(self.defaults.to_json()),
@@ -119,11 +118,10 @@ def _read_ours(path: Path) -> OneStepCheckpoint:
             base_family=meta["base_family"],
             prediction_type=meta["prediction_type"],
             timestep=int(meta["timestep"]),
-            scale=int(meta["scale"]),
             adapters=adapters_from_json(meta["adapters"]),
             tensors={k: v for k, v in tensors.items() if not k.startswith(CONDITIONING_PREFIX)},
             conditioning={k[len(CONDITIONING_PREFIX):]: v for k, v in tensors.items() if k.startswith(CONDITIONING_PREFIX)},
-            defaults=UpscaleOptions.from_json(json.loads(meta.get("defaults", "{}"))),
+            defaults=UpscaleOptions.from_json({**json.loads(meta.get("defaults", "{}")), "scale": int(meta["scale"])}),
             source=path,
         )
     except ModelFileError:
@@ -183,7 +181,6 @@ def read_osediff_pkl(path: str | os.PathLike) -> OneStepCheckpoint:
         base_family="sd2",
         prediction_type="epsilon",
         timestep=999,
-        scale=4,
         adapters=adapters,
         tensors=tensors,
         defaults=PRESETS["osediff"],
@@ -262,7 +259,6 @@ def read_tsdsr_dir(
         base_family="sd3",
         prediction_type="flow",
         timestep=1000,
-        scale=4,
         adapters=[
             AdapterSpec("default", "transformer", rank, rank, TSDSR_TRANSFORMER_TARGETS),
             # The official VAE list names modules in full; the file's own keys give exactly those that exist.

@@ -15,9 +15,10 @@ ADAIN_EPS = 1e-5
 
 
 def channel_mean_std(image: torch.Tensor, eps: float = ADAIN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image, per-channel mean and ``sqrt(unbiased variance + eps)``, each ``(B, C, 1, 1)``."""
+    """Per-image, per-channel mean and ``sqrt(unbiased variance + eps)``, each ``(B, C, 1, 1)`` (variance 0 for a
+    single pixel, whose unbiased variance is undefined)."""
     flat = image.reshape(*image.shape[:2], -1)
-    std = (flat.var(dim=2) + eps).sqrt()
+    std = (flat.var(dim=2, correction=1 if flat.shape[2] > 1 else 0) + eps).sqrt()
     return flat.mean(dim=2)[..., None, None], std[..., None, None]
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from .backbones.base import PredictFn
 from .tiled_vae import count_norms, count_vae_tiles, decoder_steps, encoder_steps, tiled_vae_apply
 from .tiling import gaussian_blend_predictions
 
@@ -64,10 +65,6 @@ def x0_from_flow_velocity(z_t: torch.Tensor, v: torch.Tensor, sigma: float) -> t
 def _tick(progress: Callable[[], None] | None) -> None:
     if progress is not None:
         progress()
-
-
-PredictFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]
-"""``predict_fn(denoiser, latents, timestep, conditioning) -> prediction``; each backbone supplies its own."""
 
 
 class OneStepGenerator(torch.nn.Module):

@@ -43,9 +43,12 @@ def _png_header(path: Path) -> tuple[int, int, int] | None:
 
 def _read_png16(path: Path) -> LoadedImage:
     width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+    if width * height > Image.MAX_IMAGE_PIXELS * 2:
+        raise ImageFileError(f"{path} has {width}x{height} pixels, more than this reader accepts ({Image.MAX_IMAGE_PIXELS * 2}).")
     planes = info["planes"]
     data = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, planes)
-    pixels = torch.from_numpy(data.astype(np.float32) / 65535.0).permute(2, 0, 1)
+    # asDirect rescales to the significant bits an sBIT chunk declares; info["bitdepth"] says how many remain.
+    pixels = torch.from_numpy(data.astype(np.float32) / (2 ** info["bitdepth"] - 1)).permute(2, 0, 1)
     if planes == 2:
         pixels = torch.cat([pixels[:1].expand(3, -1, -1), pixels[1:]])
     return LoadedImage(pixels.contiguous(), 16)

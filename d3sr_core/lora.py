@@ -30,10 +30,6 @@ class AdapterSpec:
     alpha: float
     targets: tuple[str, ...]
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
     def to_json(self) -> dict:
         return {**asdict(self), "targets": list(self.targets)}
 

@@ -9,6 +9,7 @@ from .color import COLOR_FIXES
 UPSAMPLERS = ("pil_bicubic", "torch_bicubic")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 VAE_SAMPLE_MODES = ("mode", "sample")
+COLOR_SOURCES = ("upsampled", "input")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class UpscaleOptions:
             pixels; 0 turns VAE tiling off.
         tile_batch_size: latent tiles sent through the denoiser together.
         color_fix: ``wavelet``, ``adain`` or ``none``.
+        color_source: what the colours are taken from: ``upsampled`` (the pre-upsampled input, as OSEDiff) or
+            ``input`` (as TSD-SR: the input itself for AdaIN, its PIL-bicubic upsampling for the wavelet fix).
         vae_sample: ``mode`` (deterministic) or ``sample`` (seeded with ``seed``).
         seed: seeds the posterior sample.
         prompt: text prompt; ``None`` uses the checkpoint's stored embedding, else the empty prompt.
@@ -40,6 +43,7 @@ class UpscaleOptions:
     vae_decoder_tile_size: int = 224
     tile_batch_size: int = 1
     color_fix: str = "adain"
+    color_source: str = "upsampled"
     vae_sample: str = "mode"
     seed: int | None = None
     prompt: str | None = None
@@ -58,6 +62,7 @@ class UpscaleOptions:
              "vae_decoder_tile_size", "0 (off) or at least 8 latent pixels"),
             (self.tile_batch_size >= 1, "tile_batch_size", "at least 1"),
             (self.color_fix in COLOR_FIXES, "color_fix", f"one of {COLOR_FIXES}"),
+            (self.color_source in COLOR_SOURCES, "color_source", f"one of {COLOR_SOURCES}"),
             (self.vae_sample in VAE_SAMPLE_MODES, "vae_sample", f"one of {VAE_SAMPLE_MODES}"),
         ]
         for ok, name, allowed in checks:
@@ -80,9 +85,12 @@ class UpscaleOptions:
 PRESETS = {
     # test_osediff.py: PIL bicubic x4, process size 512, --align_method adain, latent tiles 96/32, VAE tiles 1024/224.
     "osediff": UpscaleOptions(),
-    # test_tsdsr.py: torch bicubic x4, process size 512, --align_method wavelet (the paper's table used adain with
-    # the tsdsr-mse weights), latent tiles 64/8 blending the velocity, VAE tiles 1024/224.
-    "tsdsr": UpscaleOptions(upsample="torch_bicubic", color_fix="wavelet", tile_size=64, tile_overlap=8),
+    # test_tsdsr.py: torch bicubic x4, process size 512, --align_method wavelet toward the PIL-upsampled input
+    # (adain toward the input itself, as the paper's table with the tsdsr-mse weights), latent tiles 64/8 blending
+    # the velocity, VAE tiles 1024/224.
+    "tsdsr": UpscaleOptions(
+        upsample="torch_bicubic", color_fix="wavelet", color_source="input", tile_size=64, tile_overlap=8
+    ),
 }
 
 

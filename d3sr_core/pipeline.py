@@ -18,6 +18,9 @@ from .generator import OneStepGenerator
 from .options import UpscaleOptions
 from .tiling import count_latent_tiles
 
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+"""What a device out of memory raises (``torch.OutOfMemoryError`` from torch 2.5 on)."""
+
 ProgressFn = Callable[[int, int], None]
 """``progress(done, total)``, called after every tile; it may raise to cancel the run."""
 
@@ -139,6 +142,11 @@ class Upscaler:
         upsample = UPSAMPLE_FNS[options.upsample]
         source = upsample(rgb, process_size)
         result = self._run(source, options, progress)
+        if options.color_source == "upsampled":
+            reference = source
+        else:
+            reference = rgb if options.color_fix == "adain" else pil_bicubic_resize(rgb, process_size)
+        result = apply_color_fix(options.color_fix, result, reference.to(result.device).float())
         if process_size != out_size:
             result = F.interpolate(result, size=out_size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         if channels == 1:
@@ -151,7 +159,7 @@ class Upscaler:
         return result
 
     def _run(self, source: torch.Tensor, options: UpscaleOptions, progress: ProgressFn | None) -> torch.Tensor:
-        """The one step on an upsampled RGB ``source`` ``(B, 3, H, W)`` in [0, 1]; returns the colour-fixed result."""
+        """The one step on an upsampled RGB ``source`` ``(B, 3, H, W)`` in [0, 1]; returns ``(B, 3, H, W)`` in [0, 1]."""
         height, width = source.shape[-2:]
         f = self.generator.pixel_multiple
         pad_h, pad_w = -height % f, -width % f
@@ -184,5 +192,4 @@ class Upscaler:
         decoded = g.decode(x0, tile_size=options.vae_decoder_tile_size or None, progress=tick)
         if not torch.isfinite(decoded).all():
             raise ValueError("the model produced NaN or infinite values; try dtype fp32 or bf16.")
-        result = ((decoded + 1) / 2)[..., :height, :width].float()
-        return apply_color_fix(options.color_fix, result, source.to(result.device).float())
+        return ((decoded + 1) / 2)[..., :height, :width].float()

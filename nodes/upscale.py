@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from d3sr_core.color import COLOR_FIXES
 from d3sr_core.options import VAE_SAMPLE_MODES, halved_tiles
-from d3sr_core.pipeline import Upscaler
+from d3sr_core.pipeline import OutOfMemoryError, Upscaler
 
 from .loader import D3SR_MODEL
 
@@ -101,7 +101,7 @@ class Upscale(io.ComfyNode):
 
             try:
                 return upscaler.upscale(image, options, progress).cpu()
-            except torch.OutOfMemoryError:
+            except OutOfMemoryError:
                 smaller = halved_tiles(options)
                 if smaller is None:
                     raise

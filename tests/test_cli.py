@@ -168,3 +168,51 @@ def test_convert_with_prompt_stores_the_embedding(tmp_path, model, tiny_base_dir
     assert main(["convert", str(model), "-o", str(out), "--base", str(tiny_base_dir), "--prompt", ""]) == 0
     stored = load_checkpoint(out).conditioning["prompt_embeds"]
     assert torch.equal(stored, load_base(tiny_base_dir).encode_prompt("")["prompt_embeds"])
+
+
+def test_png_with_sbit_chunk_is_read_at_its_real_level(tmp_path):
+    with open(tmp_path / "plain.png", "wb") as f:
+        png.Writer(4, 4, greyscale=False, bitdepth=16).write(f, np.full((4, 12), 60000, dtype=np.uint16))
+    with open(tmp_path / "sbit.png", "wb") as f:  # pypng stores 12-bit data as 16-bit samples plus an sBIT chunk
+        png.Writer(4, 4, greyscale=False, bitdepth=12).write(f, np.full((4, 12), 4000, dtype=np.uint16))
+    assert read_image(tmp_path / "plain.png").pixels.mean().item() == pytest.approx(60000 / 65535)
+    assert read_image(tmp_path / "sbit.png").pixels.mean().item() == pytest.approx(4000 / 4095)
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path, model, tiny_base_dir):
+    Image.fromarray((photo(16, 16) * 255).astype(np.uint8)).save(tmp_path / "m.png")
+    old = os.umask(0o022)
+    try:
+        assert upscale([tmp_path / "m.png", "-o", tmp_path / "out"], model, tiny_base_dir) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / "m.png").stat().st_mode & 0o777 == 0o644
+
+
+def test_refuses_to_overwrite_an_input(tmp_path, model, tiny_base_dir, capsys):
+    Image.fromarray((photo(16, 16) * 255).astype(np.uint8)).save(tmp_path / "keep.png")
+    before = (tmp_path / "keep.png").read_bytes()
+    assert upscale([tmp_path, "-o", tmp_path], model, tiny_base_dir) == 2
+    assert_one_error(capsys, "keep.png would overwrite it")
+    assert (tmp_path / "keep.png").read_bytes() == before
+
+
+def test_unknown_or_missing_device(tmp_path, model, tiny_base_dir, capsys):
+    Image.fromarray((photo(16, 16) * 255).astype(np.uint8)).save(tmp_path / "d.png")
+    assert upscale([tmp_path / "d.png", "-o", tmp_path / "out", "--device", "gpu"], model, tiny_base_dir) == 2
+    assert_one_error(capsys, "--device 'gpu' is not a device")
+    if not torch.cuda.is_available():
+        assert upscale([tmp_path / "d.png", "-o", tmp_path / "out", "--device", "cuda"], model, tiny_base_dir) == 2
+        assert_one_error(capsys, "--device 'cuda' was asked for")
+
+
+def test_base_folder_without_weights(tmp_path, model, tiny_base_dir, capsys):
+    import shutil
+
+    broken = tmp_path / "base"
+    shutil.copytree(tiny_base_dir, broken)
+    for weights in (broken / "unet").glob("*.safetensors"):
+        weights.unlink()
+    Image.fromarray((photo(16, 16) * 255).astype(np.uint8)).save(tmp_path / "b.png")
+    assert upscale([tmp_path / "b.png", "-o", tmp_path / "out"], model, broken) == 2
+    assert_one_error(capsys, "unet could not be loaded", "expected a diffusers SD 2.x folder")

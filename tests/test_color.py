@@ -60,3 +60,8 @@ def test_none_and_unknown():
     assert apply_color_fix("none", x, x * 0) is x
     with pytest.raises(ValueError, match="color fix 'lab' is not one of"):
         apply_color_fix("lab", x, x)
+
+
+def test_adain_of_a_single_pixel_is_finite():
+    out = adain_color_fix(torch.full((1, 3, 1, 1), 0.3), torch.full((1, 3, 1, 1), 0.6))
+    assert torch.allclose(out, torch.full((1, 3, 1, 1), 0.6))

@@ -96,7 +96,7 @@ def test_pkl_matches_reference(osediff_pkl, tiny_base_dir, merge_lora):
 def build_generator_without_lora(base_dir):
     from d3sr_core.checkpoints import OneStepCheckpoint
 
-    empty = OneStepCheckpoint("none", "sd2", "epsilon", 999, 4, [], {})
+    empty = OneStepCheckpoint("none", "sd2", "epsilon", 999, [], {})
     return build_generator(empty, load_base(base_dir))
 
 

@@ -110,3 +110,21 @@ def test_processing_size_of_extreme_strips_is_capped():
     assert processing_size(100, 100, options) == (512, 512)
     assert processing_size(3, 500, options) == (12, 2048)  # long side capped at 4 x 512, not 512 x 85,333
     assert processing_size(1000, 2000, options) == (4000, 8000)  # large inputs: plain x4
+
+
+@pytest.mark.parametrize("color_fix", ["adain", "wavelet"])
+def test_color_source_input_uses_the_input_as_tsdsr_does(upscaler, color_fix, monkeypatch):
+    """TSD-SR takes AdaIN statistics from the input itself and the wavelet's low frequencies from its PIL-bicubic
+    upsampling; OSEDiff takes both from the upsampled input."""
+    import d3sr_core.pipeline as pipeline
+
+    seen = []
+    real = pipeline.apply_color_fix
+    monkeypatch.setattr(pipeline, "apply_color_fix", lambda method, content, source: seen.append(source) or real(method, content, source))
+    image = random_image(20, 24)
+    options = UpscaleOptions(scale=2, upsample="torch_bicubic", color_fix=color_fix, color_source="input", **SMALL)
+    upscaler.upscale(image, options)
+    expected = image if color_fix == "adain" else pil_bicubic_resize(image, (40, 48))
+    assert torch.equal(seen[-1], expected)
+    upscaler.upscale(image, options.updated(color_source="upsampled"))
+    assert torch.equal(seen[-1], torch.nn.functional.interpolate(image, size=(40, 48), mode="bicubic", align_corners=False).clamp(0, 1))

@@ -28,8 +28,8 @@ def test_prompt_is_encoded_once(tiny_base_dir, monkeypatch):
 
 def test_generator_uses_stored_embedding_else_empty_prompt_else_given_prompt(tiny_base_dir):
     stored = torch.randn(1, 77, 32)
-    plain = OneStepCheckpoint("none", "sd2", "epsilon", 999, 4, [], {})
-    with_embedding = OneStepCheckpoint("none", "sd2", "epsilon", 999, 4, [], {}, {"prompt_embeds": stored})
+    plain = OneStepCheckpoint("none", "sd2", "epsilon", 999, [], {})
+    with_embedding = OneStepCheckpoint("none", "sd2", "epsilon", 999, [], {}, {"prompt_embeds": stored})
     empty = load_base(tiny_base_dir).encode_prompt("")["prompt_embeds"]
     assert torch.equal(build_generator(plain, load_base(tiny_base_dir)).conditioning["prompt_embeds"], empty)
     assert torch.equal(build_generator(with_embedding, load_base(tiny_base_dir)).conditioning["prompt_embeds"], stored)
@@ -49,6 +49,6 @@ def test_single_file_without_text_encoder_needs_a_stored_embedding(tmp_path, tin
     (config / "vae.json").write_text(json.dumps(dict(tiny_vae().config)))
     shutil.copy(SHIPPED_CONFIG_DIR / "scheduler.json", config / "scheduler.json")
     write_single_file(tmp_path / "base.safetensors", tiny_unet(), tiny_vae())
-    plain = OneStepCheckpoint("none", "sd2", "epsilon", 999, 4, [], {})
+    plain = OneStepCheckpoint("none", "sd2", "epsilon", 999, [], {})
     with pytest.raises(ValueError, match="has no text encoder, so the prompt '' cannot be encoded"):
         build_generator(plain, load_base(tmp_path / "base.safetensors", config))

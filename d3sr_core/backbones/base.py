@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..generator import PredictFn
+from ..files import ModelFileError
+
+PredictFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+"""``predict_fn(denoiser, latents, timestep, conditioning) -> prediction``; each backbone supplies its own."""
+
+def read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def from_pretrained(cls, folder: Path, subfolder: str, what: str):
+    """``cls.from_pretrained`` of a local diffusers folder, with a failure reported in one sentence."""
+    try:
+        return cls.from_pretrained(folder, subfolder=subfolder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFileError(f"{folder / subfolder} could not be loaded ({first_line}); expected {what}.") from None
+
 
 FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3"}
 """Base-model families and their display names."""
@@ -35,7 +53,7 @@ class BaseModel:
         family: one of ``FAMILIES``.
         denoiser: the UNet or transformer.
         vae: the ``AutoencoderKL``.
-        predict_fn: how to call ``denoiser`` (see ``generator.PredictFn``).
+        predict_fn: how to call ``denoiser`` (see ``PredictFn``).
         scheduler_config: the diffusers scheduler config (noise schedule, prediction type, clip_sample).
         source: where it was loaded from, for messages.
         prompt_encoder: turns a prompt into conditioning tensors; ``None`` when the base has no text encoder.

@@ -5,7 +5,6 @@ Configs for SD 2.1-base ship in ``configs/sd21_base`` so a single-file checkpoin
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from diffusers.loaders.single_file_utils import (
 )
 
 from ..files import ModelFileError, read_state_dict
-from .base import BaseModel, detect_family_from_unet_config
+from .base import BaseModel, detect_family_from_unet_config, from_pretrained, read_json
 
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs" / "sd21_base"
 LDM_UNET_PROBE_KEY = "model.diffusion_model.input_blocks.0.0.weight"
@@ -62,27 +61,23 @@ def make_prompt_encoder(text_encoder: torch.nn.Module, tokenizer, source: Path):
     return encode
 
 
-def _read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _from_diffusers_folder(path: Path, load_text_encoder: bool) -> BaseModel:
     for sub in ("unet", "vae"):
         if not (path / sub / "config.json").is_file():
             raise ModelFileError(f"{path} is not a diffusers SD 2.x folder: {sub}/config.json is missing.")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+    what = "a diffusers SD 2.x folder"
+    unet = from_pretrained(UNet2DConditionModel, path, "unet", what)
+    vae = from_pretrained(AutoencoderKL, path, "vae", what)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
-    scheduler_config = _read_json(scheduler_file if scheduler_file.is_file() else SHIPPED_CONFIG_DIR / "scheduler.json")
+    scheduler_config = read_json(scheduler_file if scheduler_file.is_file() else SHIPPED_CONFIG_DIR / "scheduler.json")
     prompt_encoder = None
     if load_text_encoder and (path / "text_encoder" / "config.json").is_file():
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True).eval()
+        text_encoder = from_pretrained(CLIPTextModel, path, "text_encoder", what).eval()
         tokenizer = None
         if (path / "tokenizer").is_dir():
-            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+            tokenizer = from_pretrained(CLIPTokenizer, path, "tokenizer", what)
         prompt_encoder = make_prompt_encoder(text_encoder, tokenizer, path)
     return BaseModel(
         family=detect_family_from_unet_config(dict(unet.config)),
@@ -148,7 +143,7 @@ def sd2_base_from_ldm_state_dict(
         raise ModelFileError(f"{path} is a single-file SD3 checkpoint; SD3 bases load from a diffusers folder.")
     if LDM_UNET_PROBE_KEY not in checkpoint or LDM_VAE_PROBE_KEY not in checkpoint:
         raise ModelFileError(f"{path} has no UNet and VAE in the original key layout; expected {what}.")
-    unet_config = _read_json(config_dir / "unet.json")
+    unet_config = read_json(config_dir / "unet.json")
     context_key = next((k for k in checkpoint if k.endswith("attn2.to_k.weight")), None)
     if context_key is not None and checkpoint[context_key].shape[1] == 768:
         raise ModelFileError(f"{path} is an SD 1.x model (768-wide text tokens); expected an SD 2.x base.")
@@ -158,7 +153,7 @@ def sd2_base_from_ldm_state_dict(
         path,
         "UNet",
     )
-    vae_config = _read_json(config_dir / "vae.json")
+    vae_config = read_json(config_dir / "vae.json")
     vae = _build_with_weights(
         lambda: AutoencoderKL.from_config(vae_config), convert_ldm_vae_checkpoint(checkpoint, vae_config), path, "VAE"
     )
@@ -168,7 +163,7 @@ def sd2_base_from_ldm_state_dict(
     if load_text_encoder and has_text and text_config_file.is_file():
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_read_json(text_config_file))).eval()
+        text_encoder = CLIPTextModel(CLIPTextConfig(**read_json(text_config_file))).eval()
         converted = convert_open_clip_checkpoint(text_encoder, checkpoint, prefix=OPEN_CLIP_PREFIX)
         # position_ids is a buffer that some transformers versions save and others do not: keep the model's own.
         expected = {k: v for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
@@ -180,7 +175,7 @@ def sd2_base_from_ldm_state_dict(
         denoiser=unet,
         vae=vae,
         predict_fn=predict_unet,
-        scheduler_config=_read_json(config_dir / "scheduler.json"),
+        scheduler_config=read_json(config_dir / "scheduler.json"),
         source=Path(path),
         prompt_encoder=prompt_encoder,
     )

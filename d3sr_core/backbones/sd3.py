@@ -7,14 +7,13 @@ for benchmarks with random weights.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 
 from ..files import ModelFileError
-from .base import BaseModel
+from .base import BaseModel, from_pretrained, read_json
 
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs" / "sd3_medium"
 
@@ -32,21 +31,18 @@ def predict_transformer(
 
 def is_sd3_folder(path: Path) -> bool:
     config = path / "transformer" / "config.json"
-    if not config.is_file():
-        return False
-    with open(config, encoding="utf-8") as f:
-        return json.load(f).get("_class_name") == "SD3Transformer2DModel"
+    return config.is_file() and read_json(config).get("_class_name") == "SD3Transformer2DModel"
 
 
 def load_sd3_base(path: Path) -> BaseModel:
     """An SD3 diffusers folder (``transformer/``, ``vae/``), fp32, CPU, eval."""
     if not (path / "vae" / "config.json").is_file():
         raise ModelFileError(f"{path} is not a diffusers SD3 folder: vae/config.json is missing.")
-    transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+    what = "a diffusers SD3 folder"
+    transformer = from_pretrained(SD3Transformer2DModel, path, "transformer", what)
+    vae = from_pretrained(AutoencoderKL, path, "vae", what)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
-    with open(scheduler_file if scheduler_file.is_file() else SHIPPED_CONFIG_DIR / "scheduler.json", encoding="utf-8") as f:
-        scheduler_config = json.load(f)
+    scheduler_config = read_json(scheduler_file if scheduler_file.is_file() else SHIPPED_CONFIG_DIR / "scheduler.json")
     return BaseModel(
         family="sd3",
         denoiser=transformer.eval().requires_grad_(False),
