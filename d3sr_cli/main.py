@@ -92,9 +92,8 @@ def _device(name: str | None):
 def run_upscale(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from d3sr_core.backbones import load_base
-    from d3sr_core.checkpoints import build_generator, load_checkpoint
     from d3sr_core.image_io import list_images, read_image, write_png
+    from d3sr_core.loading import load_model
     from d3sr_core.pipeline import Upscaler
 
     files = list_images(args.inputs)
@@ -110,9 +109,17 @@ def run_upscale(args: argparse.Namespace) -> int:
         raise CommandError(f"the result for {clobbered[0]} would overwrite it; choose another --output-dir.")
     if not args.model or not args.base:
         raise CommandError("--model and --base are required: no default model is bundled yet.")
-    checkpoint = load_checkpoint(args.model, embeddings_dir=args.embeddings)
+    device = _device(args.device)
+    loaded = load_model(
+        args.model,
+        args.base,
+        embeddings_dir=args.embeddings,
+        base_config=args.base_config,
+        prompt=args.prompt,
+        merge_lora=not args.no_merge_lora,
+    )
     vae_tile = args.vae_tile_size
-    options = checkpoint.defaults.updated(
+    options = loaded.defaults.updated(
         scale=args.scale,
         upsample=args.upsample,
         tile_size=args.tile_size,
@@ -123,11 +130,8 @@ def run_upscale(args: argparse.Namespace) -> int:
         color_fix=args.color_fix,
         vae_sample=args.vae_sample,
         seed=args.seed,
-        prompt=args.prompt,
     )
-    base = load_base(args.base, args.base_config, load_text_encoder=options.prompt is not None or not checkpoint.conditioning)
-    generator = build_generator(checkpoint, base, prompt=options.prompt, merge_lora=not args.no_merge_lora)
-    upscaler = Upscaler(generator, device=_device(args.device), dtype=args.dtype)
+    upscaler = Upscaler(loaded.generator, device=device, dtype=args.dtype)
     failures = 0
     for path in files:
         try:

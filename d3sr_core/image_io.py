@@ -71,7 +71,7 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
             with Image.open(path) as im:
                 im.load()
                 im = ImageOps.exif_transpose(im)
-                loaded = _from_pil(im)
+                loaded = from_pil(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, png.Error, Image.DecompressionBombError) as err:
         if isinstance(err, ImageFileError):
             raise
@@ -81,7 +81,7 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     return loaded
 
 
-def _from_pil(im: Image.Image) -> LoadedImage:
+def from_pil(im: Image.Image) -> LoadedImage:
     """PIL image of any common mode to a :class:`LoadedImage`."""
     if im.width == 0 or im.height == 0:
         raise ImageFileError(f"the image has no pixels ({im.width}x{im.height}).")
@@ -104,22 +104,32 @@ def _from_pil(im: Image.Image) -> LoadedImage:
     return LoadedImage(pixels.contiguous(), 8)
 
 
+def _check_pixels(pixels: torch.Tensor) -> None:
+    if pixels.ndim != 3 or pixels.shape[0] not in (1, 3, 4):
+        raise ValueError(f"pixels must be (C, H, W) with C in 1, 3, 4; got {tuple(pixels.shape)}.")
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """``pixels`` ``(C, H, W)`` in [0, 1], C in {1, 3, 4}, as an 8-bit L, RGB or RGBA PIL image."""
+    _check_pixels(pixels)
+    data = np.round(pixels.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).astype(np.uint8)
+    return Image.fromarray(data[..., 0] if data.shape[2] == 1 else data)
+
+
 def write_png(path: str | os.PathLike, pixels: torch.Tensor, bit_depth: int = 8) -> Path:
     """Write ``pixels`` ``(C, H, W)`` in [0, 1] as an 8- or 16-bit PNG, through a temporary name."""
     path = Path(path)
-    if pixels.ndim != 3 or pixels.shape[0] not in (1, 3, 4):
-        raise ValueError(f"pixels must be (C, H, W) with C in 1, 3, 4; got {tuple(pixels.shape)}.")
-    array = pixels.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    _check_pixels(pixels)
     with atomic_output(path) as tmp:
         if bit_depth == 16:
+            array = pixels.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
             height, width, planes = array.shape
             data = np.round(array * 65535.0).astype(np.uint16).reshape(height, width * planes)
             writer = png.Writer(width, height, greyscale=planes == 1, alpha=planes == 4, bitdepth=16)
             with open(tmp, "wb") as f:
                 writer.write(f, data)
         else:
-            data = np.round(array * 255.0).astype(np.uint8)
-            Image.fromarray(data[..., 0] if data.shape[2] == 1 else data).save(tmp, format="PNG")
+            to_pil(pixels).save(tmp, format="PNG")
     return path
 
 

@@ -31,7 +31,6 @@ class UpscaleOptions:
             ``input`` (as TSD-SR: the input itself for AdaIN, its PIL-bicubic upsampling for the wavelet fix).
         vae_sample: ``mode`` (deterministic) or ``sample`` (seeded with ``seed``).
         seed: seeds the posterior sample.
-        prompt: text prompt; ``None`` uses the checkpoint's stored embedding, else the empty prompt.
     """
 
     scale: int = 4
@@ -46,7 +45,6 @@ class UpscaleOptions:
     color_source: str = "upsampled"
     vae_sample: str = "mode"
     seed: int | None = None
-    prompt: str | None = None
 
     def __post_init__(self) -> None:
         checks = [

@@ -1,0 +1,57 @@
+"""A generator from paths, and a one-model cache for hosts that upscale image after image (A1111)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backbones import load_base
+from .checkpoints import build_generator, load_checkpoint
+from .generator import OneStepGenerator
+from .options import UpscaleOptions
+
+
+@dataclass
+class LoadedModel:
+    """A built generator and the defaults of the method that trained it."""
+
+    generator: OneStepGenerator
+    defaults: UpscaleOptions
+
+
+def load_model(
+    model: str | os.PathLike,
+    base: str | os.PathLike,
+    *,
+    embeddings_dir: str | os.PathLike | None = None,
+    base_config: str | os.PathLike | None = None,
+    prompt: str | None = None,
+    merge_lora: bool = True,
+) -> LoadedModel:
+    """Read the checkpoint at ``model``, load the base at ``base`` (its text encoder only when a prompt must be
+    encoded), and build the generator (see ``checkpoints.build_generator``)."""
+    checkpoint = load_checkpoint(model, embeddings_dir=embeddings_dir)
+    needs_text = prompt is not None or not checkpoint.conditioning
+    loaded_base = load_base(base, base_config, load_text_encoder=needs_text)
+    generator = build_generator(checkpoint, loaded_base, prompt=prompt, merge_lora=merge_lora)
+    return LoadedModel(generator, checkpoint.defaults)
+
+
+class ModelCache:
+    """Keeps the last model loaded; asking for another one drops it first, so one model is in memory at a time."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._loaded: LoadedModel | None = None
+
+    def get(self, model: str | os.PathLike, base: str | os.PathLike, **kwargs) -> LoadedModel:
+        key = (str(Path(model)), str(Path(base)), tuple(sorted(kwargs.items())))
+        if key != self._key:
+            self.clear()
+            self._loaded = load_model(model, base, **kwargs)
+            self._key = key
+        return self._loaded
+
+    def clear(self) -> None:
+        self._key = self._loaded = None
