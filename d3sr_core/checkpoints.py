@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .backbones import BaseModel
@@ -100,6 +101,14 @@ def save_checkpoint(checkpoint: OneStepCheckpoint, path: str | os.PathLike) -> P
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=checkpoint.metadata())
     return path
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(require_file(path, "a one-step SR checkpoint")), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise ModelFileError(f"{path} is not a readable .safetensors file ({err}).") from None
 
 
 def _read_ours(path: Path) -> OneStepCheckpoint:
@@ -269,6 +278,17 @@ def read_tsdsr_dir(
         defaults=PRESETS["tsdsr"],
         source=path,
     )
+
+
+def peek_base_family(path: str | os.PathLike) -> str:
+    """The base family a checkpoint needs, read without loading its tensors (a TSD-SR folder is SD3, an OSEDiff
+    file SD 2.x, ours says so in its metadata)."""
+    path = Path(path)
+    if path.is_dir():
+        return "sd3"
+    if path.suffix == ".safetensors":
+        return _read_metadata(path).get("base_family", "unknown")
+    return "sd2"
 
 
 def load_checkpoint(path: str | os.PathLike, *, embeddings_dir: str | os.PathLike | None = None) -> OneStepCheckpoint:

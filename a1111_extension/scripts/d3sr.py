@@ -1,0 +1,237 @@
+"""D3SR one-step diffusion SR in AUTOMATIC1111 1.10 and Forge: an upscaler (Extras, Hires fix, SD upscale,
+/sdapi/v1/upscalers), an Extras-tab script, a settings section and an API route.
+
+Only webui hooks are used (upscaler, postprocessing, settings, state, devices); the webui's own SD model is never
+touched, so any checkpoint may be loaded there. The model math is d3sr_core's.
+"""
+
+import base64
+import binascii
+import io
+import os
+
+import gradio as gr
+from fastapi import HTTPException
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel
+
+from modules import devices, script_callbacks, scripts_postprocessing, shared
+from modules.ui_components import InputAccordion
+from modules.upscaler import Upscaler, UpscalerData
+
+from d3sr_core.checkpoints import peek_base_family
+from d3sr_core.color import COLOR_FIXES
+from d3sr_core.image_io import from_pil, to_pil
+from d3sr_core.loading import ModelCache
+from d3sr_core.options import halved_tiles
+from d3sr_core.pipeline import OutOfMemoryError
+from d3sr_core.pipeline import Upscaler as OneStepUpscaler
+
+MODEL_SUFFIXES = (".safetensors", ".pkl", ".pt", ".pth")
+METHOD_DEFAULT = "method default"
+FROM_SETTINGS = "from settings"
+CACHE = ModelCache()
+
+
+class Interrupted(Exception):
+    """The user pressed Interrupt or Skip: stop between tiles."""
+
+
+def model_dir() -> str:
+    return getattr(shared.cmd_opts, "d3sr_models_path", None) or os.path.join(shared.models_path, "D3SR")
+
+
+def list_models() -> dict[str, str]:
+    """Display name -> path of the model files (and TSD-SR folders) in the models folder."""
+    root = model_dir()
+    if not os.path.isdir(root):
+        return {}
+    found = {}
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.endswith(MODEL_SUFFIXES) or os.path.isfile(os.path.join(path, "transformer.safetensors")):
+            found[os.path.splitext(name)[0] if os.path.isfile(path) else name] = path
+    return found
+
+
+def list_bases() -> dict[str, str]:
+    """Display name -> path of single files in models/Stable-diffusion and folders in models/diffusers."""
+    found = {}
+    checkpoints = getattr(shared.cmd_opts, "ckpt_dir", None) or os.path.join(shared.models_path, "Stable-diffusion")
+    diffusers = os.path.join(shared.models_path, "diffusers")
+    for root, wanted in ((checkpoints, os.path.isfile), (diffusers, os.path.isdir)):
+        if os.path.isdir(root):
+            for name in sorted(os.listdir(root)):
+                if wanted(os.path.join(root, name)) and (wanted is os.path.isdir or name.endswith((".safetensors", ".ckpt"))):
+                    found[name] = os.path.join(root, name)
+    return found
+
+
+def base_for(model_path: str, choice: str = FROM_SETTINGS) -> str:
+    if choice != FROM_SETTINGS:
+        bases = list_bases()
+        if choice not in bases:
+            raise ValueError(f"base model {choice!r} is not in models/Stable-diffusion or models/diffusers.")
+        return bases[choice]
+    family = peek_base_family(model_path)
+    setting = "d3sr_base_sd3" if family == "sd3" else "d3sr_base_sd2"
+    value = getattr(shared.opts, setting, "")
+    if not value:
+        raise ValueError(f"{os.path.basename(model_path)} needs a {family} base model: set it in Settings > D3SR.")
+    return list_bases().get(value, value)  # a list name, or a full path
+
+
+def dtype_name(device) -> str:
+    if device.type == "cpu" or getattr(shared.cmd_opts, "no_half", False):
+        return "fp32"
+    return {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(devices.dtype), "fp32")
+
+
+def upscale_image(image: Image.Image, model_path: str, base: str = FROM_SETTINGS, *, scale=None, tile_size=0,
+                  tile_overlap=-1, color_fix=METHOD_DEFAULT, seed=0) -> Image.Image:
+    """``image`` upscaled by the one-step model at ``model_path``; the input itself if the user interrupts."""
+    loaded = CACHE.get(model_path, base_for(model_path, base))
+    options = loaded.defaults.updated(
+        scale=scale,
+        tile_size=tile_size or shared.opts.data.get("d3sr_tile_size") or None,
+        tile_overlap=None if tile_overlap < 0 else tile_overlap,
+        vae_encoder_tile_size=shared.opts.data.get("d3sr_vae_tile_size") or None,
+        vae_decoder_tile_size=(shared.opts.data.get("d3sr_vae_tile_size") or 0) // 8 or None,
+        color_fix=None if color_fix == METHOD_DEFAULT else color_fix,
+        seed=int(seed),
+    )
+    device = devices.get_device_for("d3sr")
+    upscaler = OneStepUpscaler(loaded.generator, device=device, dtype=dtype_name(device))
+    pixels = from_pil(image).pixels[None]
+
+    def progress(done, total):
+        if shared.state.interrupted or shared.state.skipped:
+            raise Interrupted
+        shared.state.sampling_steps, shared.state.sampling_step = total, done
+
+    try:
+        while True:
+            try:
+                return to_pil(upscaler.upscale(pixels, options, progress)[0])
+            except OutOfMemoryError:
+                options = halved_tiles(options)
+                if options is None:
+                    raise
+                devices.torch_gc()
+    except Interrupted:
+        return image
+    finally:
+        loaded.generator.to("cpu")
+        if not shared.opts.data.get("d3sr_keep_loaded", True):
+            CACHE.clear()
+        devices.torch_gc()
+
+
+class UpscalerD3SR(Upscaler):
+    """Every model in models/D3SR as a webui upscaler, at its trained scale."""
+
+    def __init__(self, dirname=None):
+        self.name = "D3SR"
+        self.user_path = dirname
+        self.model_path = dirname or model_dir()
+        super().__init__()
+        self.scalers = [UpscalerData(f"D3SR {name}", path, self, 4) for name, path in list_models().items()]
+
+    def do_upscale(self, img, selected_model):
+        return upscale_image(img, selected_model)
+
+    def load_model(self, path):
+        return CACHE.get(path, base_for(path))
+
+
+class D3SRPostprocessing(scripts_postprocessing.ScriptPostprocessing):
+    name = "D3SR one-step SR"
+    order = 1050
+
+    def ui(self):
+        models = list(list_models())
+        with InputAccordion(False, label="D3SR one-step diffusion SR") as enable:
+            with gr.Row():
+                model = gr.Dropdown(label="Model", choices=models, value=models[0] if models else None)
+                base = gr.Dropdown(label="Base model", choices=[FROM_SETTINGS, *list_bases()], value=FROM_SETTINGS)
+            with gr.Row():
+                scale = gr.Slider(minimum=1, maximum=8, step=1, value=4, label="Scale")
+                tile_size = gr.Slider(minimum=0, maximum=512, step=8, value=0, label="Latent tile (0: method default)")
+                color_fix = gr.Dropdown(label="Colour fix", choices=[METHOD_DEFAULT, *COLOR_FIXES], value=METHOD_DEFAULT)
+                seed = gr.Number(label="Seed", value=0, precision=0)
+        return {"enable": enable, "model": model, "base": base, "scale": scale, "tile_size": tile_size,
+                "color_fix": color_fix, "seed": seed}
+
+    def process(self, pp, enable=False, model=None, base=FROM_SETTINGS, scale=4, tile_size=0, color_fix=METHOD_DEFAULT, seed=0):
+        if not enable or not model:
+            return
+        models = list_models()
+        if model not in models:
+            raise ValueError(f"D3SR model {model!r} is not in {model_dir()}.")
+        pp.image = upscale_image(pp.image, models[model], base, scale=int(scale), tile_size=int(tile_size),
+                                 color_fix=color_fix, seed=seed)
+        pp.info["D3SR model"] = model
+        pp.info["D3SR scale"] = int(scale)
+        pp.info["D3SR colour fix"] = color_fix
+        pp.info["D3SR seed"] = int(seed)
+
+
+def on_ui_settings():
+    section = ("d3sr", "D3SR")
+    options = {
+        "d3sr_base_sd2": shared.OptionInfo("", "SD 2.x base (OSEDiff, D3SR): a file in models/Stable-diffusion, a folder in models/diffusers, or a path", section=section),
+        "d3sr_base_sd3": shared.OptionInfo("", "SD3-medium base (TSD-SR): a folder in models/diffusers, or a path", section=section),
+        "d3sr_tile_size": shared.OptionInfo(0, "Latent tile size (0: the method's default)", gr.Slider, {"minimum": 0, "maximum": 512, "step": 8}, section=section),
+        "d3sr_vae_tile_size": shared.OptionInfo(0, "VAE tile size in pixels (0: the method's default)", gr.Slider, {"minimum": 0, "maximum": 4096, "step": 64}, section=section),
+        "d3sr_keep_loaded": shared.OptionInfo(True, "Keep the last model in memory between images", section=section),
+    }
+    for key, info in options.items():
+        shared.opts.add_option(key, info)
+
+
+class UpscaleRequest(BaseModel):
+    image: str
+    model: str
+    base: str = FROM_SETTINGS
+    scale: int = 4
+    tile_size: int = 0
+    tile_overlap: int = -1
+    color_fix: str = METHOD_DEFAULT
+    seed: int = 0
+
+
+class UpscaleResponse(BaseModel):
+    image: str
+    info: dict
+
+
+def api_upscale(request: UpscaleRequest) -> UpscaleResponse:
+    """POST /d3sr/v1/upscale: a base64 image in, the upscaled PNG (base64) out; errors are one sentence (HTTP 422)."""
+    models = list_models()
+    if request.model not in models:
+        raise HTTPException(status_code=422, detail=f"model {request.model!r} is not one of {sorted(models)}.")
+    if request.color_fix not in (METHOD_DEFAULT, *COLOR_FIXES):
+        raise HTTPException(status_code=422, detail=f"color_fix {request.color_fix!r} is not one of {[METHOD_DEFAULT, *COLOR_FIXES]}.")
+    try:
+        data = base64.b64decode(request.image.split(",", 1)[-1], validate=True)
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as err:
+        raise HTTPException(status_code=422, detail=f"image is not a base64-encoded image file ({err}).") from None
+    try:
+        result = upscale_image(image, models[request.model], request.base, scale=request.scale, tile_size=request.tile_size,
+                               tile_overlap=request.tile_overlap, color_fix=request.color_fix, seed=request.seed)
+    except ValueError as err:
+        raise HTTPException(status_code=422, detail=str(err)) from None
+    buffer = io.BytesIO()
+    result.save(buffer, format="PNG")
+    info = {"model": request.model, "scale": request.scale, "width": result.width, "height": result.height}
+    return UpscaleResponse(image=base64.b64encode(buffer.getvalue()).decode(), info=info)
+
+
+def on_app_started(_demo, app):
+    app.add_api_route("/d3sr/v1/upscale", api_upscale, methods=["POST"], response_model=UpscaleResponse)
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_app_started(on_app_started)

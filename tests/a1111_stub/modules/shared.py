@@ -1,0 +1,39 @@
+"""Stand-in for modules.shared: options, command-line options, job state, models folder."""
+
+import os
+from types import SimpleNamespace
+
+models_path = os.environ.get("D3SR_TEST_MODELS_DIR", "/nonexistent/models")
+cmd_opts = SimpleNamespace(no_half=False, d3sr_models_path=None, ckpt_dir=None)
+state = SimpleNamespace(interrupted=False, skipped=False, sampling_steps=0, sampling_step=0, textinfo=None)
+
+
+class OptionInfo:
+    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None, refresh=None):
+        self.default, self.label, self.component, self.component_args, self.section = default, label, component, component_args, section
+        self.comment = None
+
+    def info(self, comment):
+        self.comment = comment
+        return self
+
+
+class Options:
+    def __init__(self):
+        object.__setattr__(self, "data", {})
+        object.__setattr__(self, "data_labels", {})
+
+    def add_option(self, key, info):
+        self.data_labels[key] = info
+        self.data.setdefault(key, info.default)
+
+    def __getattr__(self, key):
+        if key in self.data:
+            return self.data[key]
+        raise AttributeError(key)
+
+    def __setattr__(self, key, value):
+        self.data[key] = value
+
+
+opts = Options()
