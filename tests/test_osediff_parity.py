@@ -87,7 +87,9 @@ def test_pkl_matches_reference(osediff_pkl, tiny_base_dir, merge_lora):
     expected = (reference_forward(saved, image * 2 - 1) + 1) / 2
     ours = run_ours(path, tiny_base_dir, image, merge_lora)
     assert ours.shape == expected.shape
-    assert (ours - expected).abs().max().item() <= 1e-5
+    # Merged (the default) folds LoRA into the weights as the reference does: equal to float precision. Unmerged
+    # adds B(Ax) after the base matmul, which rounds differently, and x0 = z / 0.068 amplifies that 15 times.
+    assert (ours - expected).abs().max().item() <= (1e-5 if merge_lora else 5e-5)
     # The LoRA must matter, or the comparison above proves nothing about loading it.
     plain = Upscaler(build_generator_without_lora(tiny_base_dir), dtype="fp32").upscale(image, EXACT)
     assert (plain - expected).abs().max().item() > 1e-2
