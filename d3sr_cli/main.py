@@ -10,6 +10,7 @@ from pathlib import Path
 from d3sr_core.color import COLOR_FIXES
 from d3sr_core.files import ModelFileError
 from d3sr_core.image_io import IMAGE_SUFFIXES, ImageFileError
+from d3sr_core.metrics import ALL_METRICS
 from d3sr_core.options import DTYPES, UPSAMPLERS, VAE_SAMPLE_MODES
 
 
@@ -65,12 +66,84 @@ def _add_info(sub) -> None:
     p.set_defaults(run=run_info)
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="metrics of results against ground truths, paired by file name",
+        description="PSNR and SSIM on the Y channel as the papers' test_metrics.py; pyiqa's learned metrics when their "
+        "weights are already on disk ($TORCH_HOME/hub); nothing is downloaded.",
+    )
+    p.add_argument("--pred", required=True, help="folder of results")
+    p.add_argument("--gt", required=True, help="folder of ground truths with the same file names")
+    p.add_argument("--metrics", default="psnr,ssim", help=f"comma-separated, from: {','.join(ALL_METRICS)}")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--json", help="write the full report (per image too) here")
+    p.add_argument("--markdown", help="write the means as a Markdown table here")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from d3sr_cli.evaluate import evaluate, markdown
+    from d3sr_core.files import atomic_output
+
+    for folder in (args.pred, args.gt):
+        if not Path(folder).is_dir():
+            raise CommandError(f"{folder} is not a folder of images.")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    report = evaluate(Path(args.pred), Path(args.gt), metrics, _device(args.device))
+    table = markdown(report)
+    print(table, end="")
+    for problem in report["problems"]:
+        print(f"d3sr: warning: {problem}", file=sys.stderr)
+    for path, text in ((args.json, json.dumps(report, indent=2)), (args.markdown, table)):
+        if path:
+            with atomic_output(path) as tmp:
+                tmp.write_text(text)
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time and peak memory of our pipeline against the official way of running the same weights",
+        description="Random-weight models from the shipped configs; the reference path keeps LoRA unmerged in fp32 as the "
+        "official scripts do; both run interleaved in this process; medians and ratios are printed and saved.",
+    )
+    p.add_argument("--arch", choices=("sd21", "tiny"), default="sd21", help="full-size SD 2.1-base, or a tiny model")
+    p.add_argument("--sizes", type=int, nargs="+", default=[128], help="input sides in pixels (outputs are scale x)")
+    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per path and size, alternating the order")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per path and size first")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="our path's precision (the reference runs fp32)")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--plot", help="write a PNG of time and peak memory against output megapixels")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from d3sr_cli.bench import plot, run_bench as bench
+    from d3sr_core.files import atomic_output
+
+    report = bench(args.arch, args.sizes, args.scale, args.repeats, _device(args.device), args.dtype, args.warmup)
+    for ratio in report["ratios"]:
+        print(f"{ratio['input_size']}px: ours is {ratio['speedup']:.2f}x as fast, at {ratio['memory_ratio']:.2f}x the peak memory")
+    if args.json:
+        with atomic_output(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d3sr", description="One-step diffusion super-resolution.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_upscale(sub)
     _add_convert(sub)
     _add_info(sub)
+    _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -1,0 +1,209 @@
+"""``d3sr bench``: time and peak memory of our pipeline against a reference path run the way the official scripts
+run the same weights (LoRA adapters unmerged, fp32, OSEDiff's tiling), in one process, interleaved.
+
+The models are built from the shipped configs with random weights and OSEDiff-shaped LoRA (rank 4 on every
+convolution and attention projection of the UNet and the VAE encoder): speed does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from d3sr_core.backbones.base import BaseModel
+from d3sr_core.backbones.sd2 import SHIPPED_CONFIG_DIR, predict_unet
+from d3sr_core.checkpoints import OneStepCheckpoint, build_generator
+from d3sr_core.lora import AdapterSpec, add_adapters, merge_adapters
+from d3sr_core.options import PRESETS, UpscaleOptions
+from d3sr_core.pipeline import Upscaler
+
+TINY_UNET = {
+    "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 32, "attention_head_dim": 8,
+    "layers_per_block": 1, "sample_size": 16, "use_linear_projection": True,
+}
+TINY_VAE = {
+    "block_out_channels": [16, 16, 32, 32], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 4,
+}
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "conv1", "conv2", "conv_shortcut", "conv_in", "conv_out", "conv")
+
+
+def random_base(arch: str, seed: int = 0) -> BaseModel:
+    """An SD 2.x base of the shipped SD 2.1-base configs (``sd21``) or a tiny one, random weights, fp32."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with open(SHIPPED_CONFIG_DIR / "unet.json") as f:
+        unet_config = json.load(f)
+    with open(SHIPPED_CONFIG_DIR / "vae.json") as f:
+        vae_config = json.load(f)
+    with open(SHIPPED_CONFIG_DIR / "scheduler.json") as f:
+        scheduler_config = json.load(f)
+    if arch == "tiny":
+        unet_config, vae_config = {**unet_config, **TINY_UNET}, {**vae_config, **TINY_VAE}
+    elif arch != "sd21":
+        raise ValueError(f"--arch {arch!r} is not one of sd21, tiny.")
+    unet = UNet2DConditionModel.from_config(unet_config).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_config(vae_config).eval().requires_grad_(False)
+    return BaseModel("sd2", unet, vae, predict_unet, scheduler_config, Path(f"random {arch}"))
+
+
+def osediff_shaped_generator(arch: str, merge: bool):
+    """The generator of a random OSEDiff-shaped model; ``merge`` folds the LoRA into the weights (ours) or keeps it
+    as peft layers (the official scripts' default, ``--merge_and_unload_lora False``)."""
+    base = random_base(arch)
+    width = base.denoiser.config.cross_attention_dim
+    embeds = torch.zeros(1, 77, width)
+    generator = build_generator(
+        OneStepCheckpoint("osediff", "sd2", "epsilon", 999, [], {}, {"prompt_embeds": embeds}), base, merge_lora=False
+    )
+    add_adapters(generator.denoiser, [AdapterSpec("default", "unet", 4, 8, LORA_TARGETS)])
+    encoder_targets = tuple(n for n, m in generator.vae.named_modules() if n.startswith("encoder.") and isinstance(m, torch.nn.Conv2d))
+    add_adapters(generator.vae, [AdapterSpec("default", "vae", 4, 8, encoder_targets)])
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in (generator.denoiser, generator.vae):
+            for name, p in module.named_parameters():
+                if ".lora_B." in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    if merge:
+        merge_adapters(generator.denoiser)
+        merge_adapters(generator.vae)
+    return generator
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: the CUDA allocator's on a GPU, resident set size (sampled) on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_bytes = device, 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._start, self._stop = self._rss(), threading.Event()
+            self._top = self._start
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self._top = max(self._top, self._rss())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self._top, self._rss()) - self._start
+        return False
+
+
+@dataclass
+class BenchPath:
+    name: str
+    upscaler: Upscaler
+    options: UpscaleOptions
+
+
+def run_bench(arch: str, sizes: list[int], scale: int, repeats: int, device: torch.device, dtype: str,
+              warmup: int = 1, progress=print) -> dict:
+    """Median seconds and peak memory per image for both paths at each input size, and their ratios."""
+    osediff = PRESETS["osediff"].updated(scale=scale, min_process_side=0)
+    paths = [
+        BenchPath("reference", Upscaler(osediff_shaped_generator(arch, merge=False), device=device, dtype="fp32"), osediff),
+        BenchPath("ours", Upscaler(osediff_shaped_generator(arch, merge=True), device=device, dtype=dtype), osediff),
+    ]
+    results = []
+    for size in sizes:
+        image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(size))
+        samples = {p.name: {"seconds": [], "peak_bytes": []} for p in paths}
+        for _ in range(warmup):  # not timed
+            for p in paths:
+                p.upscaler.upscale(image, p.options)
+        for repeat in range(repeats):
+            for p in paths if repeat % 2 == 0 else reversed(paths):
+                with PeakMemory(device) as memory:
+                    start = time.perf_counter()
+                    p.upscaler.upscale(image, p.options)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    seconds = time.perf_counter() - start
+                samples[p.name]["seconds"].append(seconds)
+                samples[p.name]["peak_bytes"].append(memory.peak_bytes)
+                progress(f"{size}px -> {size * scale}px  {p.name:9s}  {seconds:7.2f} s  peak {memory.peak_bytes / 2**20:8.1f} MiB")
+        for name, s in samples.items():
+            results.append({
+                "input_size": size, "output_size": size * scale, "path": name, "seconds": s["seconds"],
+                "median_seconds": statistics.median(s["seconds"]), "peak_mib": max(s["peak_bytes"]) / 2**20,
+            })
+    ratios = []
+    for size in sizes:
+        ref, ours = (next(r for r in results if r["input_size"] == size and r["path"] == n) for n in ("reference", "ours"))
+        ratios.append({
+            "input_size": size,
+            "speedup": ref["median_seconds"] / ours["median_seconds"],
+            "memory_ratio": ours["peak_mib"] / max(ref["peak_mib"], 1e-9),
+        })
+    return {
+        "arch": arch, "device": str(device), "dtype": dtype, "scale": scale, "repeats": repeats, "warmup": warmup,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results, "ratios": ratios,
+    }
+
+
+def plot(report: dict, path: str | os.PathLike) -> Path:
+    """Time and peak memory against output megapixels for both paths, as a PNG (drawn with PIL)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from d3sr_core.files import atomic_output
+
+    width, height, margin = 900, 380, 60
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=12)
+    colours = {"reference": (200, 80, 60), "ours": (40, 110, 200)}
+    panels = [("median_seconds", "seconds per image"), ("peak_mib", "peak memory (MiB)")]
+    megapixels = sorted({r["output_size"] ** 2 / 1e6 for r in report["results"]})
+    for index, (key, title) in enumerate(panels):
+        left = margin + index * (width // 2)
+        right, top, bottom = left + width // 2 - 2 * margin, 40, height - margin
+        top_value = max(r[key] for r in report["results"]) * 1.1 or 1.0
+        x_max = max(megapixels) * 1.05 or 1.0
+        draw.rectangle([left, top, right, bottom], outline="black")
+        draw.text((left, 12), f"{title}  ({report['arch']}, {report['device']}, {report['dtype']})", fill="black", font=font)
+        draw.text((left, bottom + 24), "output megapixels", fill="black", font=font)
+        for fraction in (0.0, 0.5, 1.0):
+            draw.text((left - 50, bottom - fraction * (bottom - top) - 6), f"{top_value * fraction:.3g}", fill="black", font=font)
+            draw.text((left + fraction * (right - left) - 10, bottom + 6), f"{x_max * fraction:.2g}", fill="black", font=font)
+        for row, name in enumerate(("reference", "ours")):
+            points = sorted((r["output_size"] ** 2 / 1e6, r[key]) for r in report["results"] if r["path"] == name)
+            xy = [(left + x / x_max * (right - left), bottom - y / top_value * (bottom - top)) for x, y in points]
+            if len(xy) > 1:
+                draw.line(xy, fill=colours[name], width=2)
+            for x, y in xy:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[name])
+            draw.text((right - 80, top + 8 + 16 * row), name, fill=colours[name], font=font)
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path

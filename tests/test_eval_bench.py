@@ -1,0 +1,109 @@
+"""``d3sr eval`` against independent PSNR/SSIM computations, and ``d3sr bench`` on the tiny architecture."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image
+
+from d3sr_cli.main import main as d3sr
+from d3sr_core.metrics import psnr_y, ssim_y
+
+
+def numpy_y(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 luma of an (H, W, 3) image in [0, 1], per pixel."""
+    return (16 + 65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255
+
+
+def numpy_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two (H, W) images in 0..255 over every valid 11x11 window with Gaussian weights (sigma 1.5),
+    written out per window; the contrast-structure term is clipped at 0 as pyiqa does."""
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    wa, wb = sliding_window_view(a, (11, 11)), sliding_window_view(b, (11, 11))
+    mu_a, mu_b = (wa * w).sum(axis=(-1, -2)), (wb * w).sum(axis=(-1, -2))
+    var_a = (w * (wa - mu_a[..., None, None]) ** 2).sum(axis=(-1, -2))
+    var_b = (w * (wb - mu_b[..., None, None]) ** 2).sum(axis=(-1, -2))
+    cov = (w * (wa - mu_a[..., None, None]) * (wb - mu_b[..., None, None])).sum(axis=(-1, -2))
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    cs = np.maximum((2 * cov + c2) / (var_a + var_b + c2), 0)
+    return float((((2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)) * cs).mean())
+
+
+@pytest.fixture
+def pair():
+    rng = np.random.default_rng(0)
+    gt = rng.random((36, 44, 3))
+    pred = np.clip(gt + rng.normal(0, 0.05, gt.shape), 0, 1)
+    return pred, gt
+
+
+def as_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1)[None]
+
+
+def test_psnr_y_equals_the_formula(pair):
+    pred, gt = pair
+    mse = np.mean((numpy_y(pred) - numpy_y(gt)) ** 2)
+    assert psnr_y(as_tensor(pred), as_tensor(gt)).item() == pytest.approx(10 * math.log10(1 / (mse + 1e-8)), abs=1e-4)
+    assert psnr_y(as_tensor(gt), as_tensor(gt)).item() == pytest.approx(80.0)
+
+
+def test_ssim_y_equals_a_windowed_computation(pair):
+    pred, gt = pair
+    expected = numpy_ssim(np.round(numpy_y(pred) * 255), np.round(numpy_y(gt) * 255))
+    assert ssim_y(as_tensor(pred), as_tensor(gt)).item() == pytest.approx(expected, abs=1e-4)
+    assert ssim_y(as_tensor(gt), as_tensor(gt)).item() == pytest.approx(1.0)
+
+
+def save(folder, name, image):
+    folder.mkdir(exist_ok=True)
+    Image.fromarray((image * 255).round().astype(np.uint8)).save(folder / name)
+
+
+def test_eval_command_reports_scores_missing_metrics_and_problems(tmp_path, pair, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    pred, gt = pair
+    save(tmp_path / "pred", "a.png", pred)
+    save(tmp_path / "gt", "a.png", gt)
+    save(tmp_path / "pred", "b.png", pred[:20])  # wrong size
+    save(tmp_path / "gt", "b.png", gt)
+    save(tmp_path / "gt", "c.png", gt)  # no result
+    args = ["eval", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--metrics", "psnr,ssim,lpips",
+            "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]
+    assert d3sr(args) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    eight_bit = [np.asarray(Image.open(tmp_path / d / "a.png")).astype(np.float64) / 255 for d in ("pred", "gt")]
+    assert report["images"] == 1
+    assert report["means"]["psnr"] == pytest.approx(psnr_y(as_tensor(eight_bit[0]), as_tensor(eight_bit[1])).item(), abs=1e-4)
+    assert "lpips" in report["missing"] and "lpips" not in report["means"]
+    assert any("b.png: size 44x20 differs" in p for p in report["problems"])
+    assert any("c: no result" in p for p in report["problems"])
+    table = (tmp_path / "r.md").read_text()
+    assert "PSNR ↑" in table and "Not computed: lpips" in table
+    assert "differs from the ground truth" in capsys.readouterr().err
+
+
+def test_eval_refuses_unknown_metrics_and_empty_pairs(tmp_path, capsys):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    assert d3sr(["eval", "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "g"), "--metrics", "vibes"]) == 2
+    assert "metric 'vibes' is not one of" in capsys.readouterr().err
+    assert d3sr(["eval", "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "g")]) == 2
+    assert "share a file name" in capsys.readouterr().err
+
+
+def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):
+    args = ["bench", "--arch", "tiny", "--sizes", "16", "24", "--repeats", "1", "--device", "cpu",
+            "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")]
+    assert d3sr(args) == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert {r["path"] for r in report["results"]} == {"reference", "ours"}
+    assert [r["input_size"] for r in report["ratios"]] == [16, 24]
+    assert all(r["speedup"] > 0 and r["memory_ratio"] >= 0 for r in report["ratios"])
+    assert all(r["median_seconds"] > 0 and len(r["seconds"]) == 1 for r in report["results"])
+    assert Image.open(tmp_path / "b.png").size == (900, 380)
+    assert "as fast" in capsys.readouterr().out
