@@ -154,3 +154,23 @@ def test_scripts_use_only_calls_both_webuis_have():
         source = path.read_text()
         for pattern, why in INCOMPATIBLE.items():
             assert not re.search(pattern, source, re.MULTILINE), f"{path.name}: {why}"
+
+
+def test_install_script_installs_the_core_from_this_repository_without_torch(tmp_path, monkeypatch):
+    import runpy
+    import types
+
+    calls = []
+    launch = types.ModuleType("launch")
+    launch.is_installed = lambda name: False
+    launch.run_pip = lambda command, description: calls.append(command)
+    monkeypatch.setitem(sys.modules, "launch", launch)
+    runpy.run_path(str(ROOT / "a1111_extension" / "install.py"))
+    assert calls == [f'install -r "{ROOT / "requirements.txt"}"', f'install --no-deps -e "{ROOT}"']
+    requirements = (ROOT / "requirements.txt").read_text()
+    assert not re.search(r"^\s*torch", requirements, re.MULTILINE)
+
+    calls.clear()
+    launch.is_installed = lambda name: name == "d3sr_core"
+    runpy.run_path(str(ROOT / "a1111_extension" / "install.py"))
+    assert calls == []
