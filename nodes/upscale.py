@@ -57,7 +57,10 @@ class Upscale(io.ComfyNode):
                     "vae_sample", options=list(VAE_SAMPLE_MODES), default="mode",
                     tooltip="mode: deterministic. sample: draw the VAE posterior like the official scripts, seeded by seed.",
                 ),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Seed for vae_sample = sample."),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=2**63 - 1, control_after_generate=True,
+                    tooltip="Seed for vae_sample = sample (mode ignores it).",
+                ),
             ],
             outputs=[io.Image.Output()],
         )

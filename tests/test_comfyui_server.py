@@ -132,6 +132,7 @@ def test_nodes_are_registered(comfy):
     info = comfy.get("/object_info")
     for node in ("D3SRModelLoader", "D3SRUpscale", "D3SRColorFix"):
         assert node in info, f"{node} missing; log:\n" + (comfy.base_dir / "comfyui.log").read_text()[-3000:]
+    assert sorted(comfy.get("/workflow_templates")["d3sr"]) == ["osediff_upscale", "tsdsr_upscale"]
     required = info["D3SRModelLoader"]["input"]["required"]
     assert "tiny.safetensors" in combo_options(required["model_name"])
     assert "diffusers/tiny-sd2" in combo_options(required["base_name"])
@@ -182,6 +183,10 @@ def test_example_workflows_are_consistent(comfy):
                 name for section in ("required", "optional") for name, value in spec.get(section, {}).items()
                 if isinstance(value[0], list) or value[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
             ]
-            extra = 1 if node["type"] == "LoadImage" else 0  # its upload widget
+            # LoadImage has an upload widget; a seed gets a "control after generate" widget after it.
+            extra = (node["type"] == "LoadImage") + sum(
+                1 for section in ("required", "optional") for value in spec.get(section, {}).values()
+                if len(value) > 1 and isinstance(value[1], dict) and value[1].get("control_after_generate")
+            )
             assert len(node.get("widgets_values", [])) == len(widget_inputs) + extra, (path.name, node["type"])
         assert (path.with_suffix(".png")).is_file() or (path.with_suffix(".jpg")).is_file(), f"{path.name} has no thumbnail"
