@@ -15,10 +15,13 @@ try:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 except ImportError as _error:
     _missing = getattr(_error, "name", None) or str(_error)
-    _advice = (
-        f"The D3SR nodes could not load because the Python package {_missing!r} is missing. Install the pack's "
-        f"requirements into ComfyUI's Python: python -m pip install -r {os.path.join(_here, 'requirements.txt')}"
-    )
+    if _missing.split(".")[0] in ("comfy_api", "comfy", "folder_paths"):
+        _advice = f"The D3SR nodes need a newer ComfyUI (one with comfy_api.latest, 0.3.50 or later; {_missing!r} is missing): update ComfyUI."
+    else:
+        _advice = (
+            f"The D3SR nodes could not load because the Python package {_missing!r} is missing. Install the pack's "
+            f"requirements into ComfyUI's Python: python -m pip install -r {os.path.join(_here, 'requirements.txt')}"
+        )
 
     class D3SRMissingDependencies:
         """Shown instead of the D3SR nodes when their dependencies are missing."""

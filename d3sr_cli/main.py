@@ -159,6 +159,8 @@ def _device(name: str | None):
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, False):
         raise CommandError(f"--device {name!r} was asked for, but this torch build has no such device.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CommandError(f"--device {name!r} was asked for, but there are {torch.cuda.device_count()} CUDA devices.")
     return device
 
 
@@ -177,6 +179,8 @@ def run_upscale(args: argparse.Namespace) -> int:
     if duplicates:
         raise CommandError(f"several inputs would write {duplicates[0]}.png; give inputs with distinct names.")
     out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CommandError(f"--output-dir {out_dir} cannot be used: it is a file, not a folder.")
     clobbered = [f for f in files if (out_dir / f"{f.stem}.png").resolve() == f.resolve()]
     if clobbered:
         raise CommandError(f"the result for {clobbered[0]} would overwrite it; choose another --output-dir.")
@@ -214,7 +218,7 @@ def run_upscale(args: argparse.Namespace) -> int:
                 result = upscaler.upscale(image.pixels[None], options, lambda done, total: bar.update(done - bar.n))
             out = write_png(out_dir / f"{path.stem}.png", result[0], image.bit_depth)
             tqdm.write(f"{path} -> {out} ({width}x{height} -> {result.shape[-1]}x{result.shape[-2]})")
-        except (ImageFileError, ValueError, RuntimeError) as err:  # RuntimeError includes running out of memory
+        except (ImageFileError, ValueError, RuntimeError, OSError) as err:  # RuntimeError includes running out of memory
             failures += 1
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             print(f"d3sr: error: {message if isinstance(err, ImageFileError) else f'{path}: {message}'}", file=sys.stderr)
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.run(args)
-    except (CommandError, ModelFileError, ImageFileError, ValueError) as err:
+    except (CommandError, ModelFileError, ImageFileError, ValueError, OSError) as err:
         print(f"d3sr: error: {err}", file=sys.stderr)
         return 2
 

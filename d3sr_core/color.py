@@ -68,6 +68,10 @@ def apply_color_fix(method: str, content: torch.Tensor, source: torch.Tensor) ->
 def color_fix_to_reference(method: str, content: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """:func:`apply_color_fix` toward ``reference`` ``(B, 3, h, w)`` of any size, first resized (bicubic) to
     ``content``'s size; a single reference image serves a whole batch."""
+    if reference.shape[0] not in (1, content.shape[0]):
+        raise ValueError(
+            f"the reference batch has {reference.shape[0]} images; expected 1 or as many as the image batch ({content.shape[0]})."
+        )
     if reference.shape[-2:] != content.shape[-2:]:
         reference = F.interpolate(reference.float(), size=content.shape[-2:], mode="bicubic", align_corners=False)
     return apply_color_fix(method, content, reference.clamp(0, 1).expand_as(content))

@@ -17,7 +17,7 @@ def register_model_folder() -> None:
 
 def list_models() -> list[str]:
     """Model files, with a TSD-SR folder (``name/transformer.safetensors`` + ``name/vae.safetensors``) as ``name/``."""
-    names = folder_paths.get_filename_list(FOLDER)
+    names = [n.replace(os.sep, "/") for n in folder_paths.get_filename_list(FOLDER)]  # Windows lists with "\\"
     folders = {n.rsplit("/", 1)[0] for n in names if "/" in n and n.rsplit("/", 1)[1] == TSDSR_FILES[0]}
     singles = [n for n in names if not (n.rsplit("/", 1)[0] in folders and "/" in n)]
     return sorted(singles + [f + "/" for f in folders])
@@ -25,7 +25,7 @@ def list_models() -> list[str]:
 
 def model_path(name: str) -> str:
     if name.endswith("/"):
-        return os.path.dirname(folder_paths.get_full_path_or_raise(FOLDER, name + TSDSR_FILES[0]))
+        return os.path.dirname(folder_paths.get_full_path_or_raise(FOLDER, os.path.join(name[:-1], TSDSR_FILES[0])))
     return folder_paths.get_full_path_or_raise(FOLDER, name)
 
 

@@ -78,19 +78,25 @@ class Upscale(io.ComfyNode):
             seed=seed,
         )
         device = model_management.get_torch_device()
-        upscaler = Upscaler(d3sr_model.generator, device=device, dtype=dtype_name(d3sr_model.precision, device))
+        generator = d3sr_model.generator
+        if device.type != "cpu":  # make room: the graph's own SD model may still sit on the GPU
+            needed = model_management.module_size(generator.denoiser) + model_management.module_size(generator.vae)
+            model_management.free_memory(needed + model_management.minimum_inference_memory(), device)
         images = image.movedim(-1, 1)
-        height, width = images.shape[-2:]
-        pbar = ProgressBar(images.shape[0] * upscaler.count_steps(height, width, options))
-        results = []
+        batch, channels, height, width = images.shape
+        out = None
         try:
-            for index in range(images.shape[0]):
-                results.append(cls._upscale_one(upscaler, images[index : index + 1], options, pbar))
+            upscaler = Upscaler(generator, device=device, dtype=dtype_name(d3sr_model.precision, device))
+            pbar = ProgressBar(batch * upscaler.count_steps(height, width, options))
+            for index in range(batch):
+                result = cls._upscale_one(upscaler, images[index : index + 1], options, pbar)
+                if out is None:  # one output tensor, filled frame by frame: no second copy for long batches
+                    out = torch.empty(batch, *result.shape[2:], result.shape[1], device=model_management.intermediate_device())
+                out[index] = result[0].movedim(0, -1).clamp(0, 1).to(out)
         finally:
-            d3sr_model.generator.to(model_management.unet_offload_device())
+            generator.to(model_management.unet_offload_device())
             model_management.soft_empty_cache()
-        out = torch.cat(results).movedim(1, -1).clamp(0, 1)
-        return io.NodeOutput(out.to(model_management.intermediate_device()))
+        return io.NodeOutput(out)
 
     @staticmethod
     def _upscale_one(upscaler, image, options, pbar):

@@ -216,3 +216,10 @@ def test_base_folder_without_weights(tmp_path, model, tiny_base_dir, capsys):
     Image.fromarray((photo(16, 16) * 255).astype(np.uint8)).save(tmp_path / "b.png")
     assert upscale([tmp_path / "b.png", "-o", tmp_path / "out"], model, broken) == 2
     assert_one_error(capsys, "unet could not be loaded", "expected a diffusers SD 2.x folder")
+
+
+def test_output_dir_that_is_a_file_fails_before_any_work(tmp_path, model, tiny_base_dir, capsys):
+    Image.fromarray((photo(16, 16) * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    (tmp_path / "taken").write_text("a file")
+    assert upscale([tmp_path / "x.png", "-o", tmp_path / "taken"], model, tiny_base_dir) == 2
+    assert_one_error(capsys, "--output-dir", "cannot be used")

@@ -65,3 +65,12 @@ def test_none_and_unknown():
 def test_adain_of_a_single_pixel_is_finite():
     out = adain_color_fix(torch.full((1, 3, 1, 1), 0.3), torch.full((1, 3, 1, 1), 0.6))
     assert torch.allclose(out, torch.full((1, 3, 1, 1), 0.6))
+
+
+def test_reference_batch_must_be_one_or_match():
+    from d3sr_core.color import color_fix_to_reference
+
+    image = torch.rand(3, 3, 8, 8)
+    assert color_fix_to_reference("adain", image, torch.rand(1, 3, 4, 4)).shape == image.shape
+    with pytest.raises(ValueError, match="reference batch has 2 images; expected 1 or as many as the image batch"):
+        color_fix_to_reference("adain", image, torch.rand(2, 3, 8, 8))

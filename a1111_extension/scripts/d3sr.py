@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
 from modules import devices, script_callbacks, scripts_postprocessing, shared
+from modules.call_queue import queue_lock
 from modules.ui_components import InputAccordion
 from modules.upscaler import Upscaler, UpscalerData
 
@@ -101,7 +102,6 @@ def upscale_image(image: Image.Image, model_path: str, base: str = FROM_SETTINGS
         seed=int(seed),
     )
     device = devices.get_device_for("d3sr")
-    upscaler = OneStepUpscaler(loaded.generator, device=device, dtype=dtype_name(device))
     pixels = from_pil(image).pixels[None]
 
     def progress(done, total):
@@ -110,6 +110,7 @@ def upscale_image(image: Image.Image, model_path: str, base: str = FROM_SETTINGS
         shared.state.sampling_steps, shared.state.sampling_step = total, done
 
     try:
+        upscaler = OneStepUpscaler(loaded.generator, device=device, dtype=dtype_name(device))
         while True:
             try:
                 return to_pil(upscaler.upscale(pixels, options, progress)[0])
@@ -139,9 +140,6 @@ class UpscalerD3SR(Upscaler):
 
     def do_upscale(self, img, selected_model):
         return upscale_image(img, selected_model)
-
-    def load_model(self, path):
-        return CACHE.get(path, base_for(path))
 
 
 class D3SRPostprocessing(scripts_postprocessing.ScriptPostprocessing):
@@ -218,11 +216,20 @@ def api_upscale(request: UpscaleRequest) -> UpscaleResponse:
         image.load()
     except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as err:
         raise HTTPException(status_code=422, detail=f"image is not a base64-encoded image file ({err}).") from None
-    try:
-        result = upscale_image(image, models[request.model], request.base, scale=request.scale, tile_size=request.tile_size,
-                               tile_overlap=request.tile_overlap, color_fix=request.color_fix, seed=request.seed)
-    except ValueError as err:
-        raise HTTPException(status_code=422, detail=str(err)) from None
+    # Like the webui's own routes: one job at a time, and a fresh job state (begin() clears an old interrupt).
+    with queue_lock:
+        shared.state.begin(job="d3sr")
+        try:
+            result = upscale_image(image, models[request.model], request.base, scale=request.scale,
+                                   tile_size=request.tile_size, tile_overlap=request.tile_overlap,
+                                   color_fix=request.color_fix, seed=request.seed)
+            interrupted = shared.state.interrupted or shared.state.skipped
+        except ValueError as err:
+            raise HTTPException(status_code=422, detail=str(err)) from None
+        finally:
+            shared.state.end()
+    if interrupted:
+        raise HTTPException(status_code=409, detail="the upscale was interrupted before it finished.")
     buffer = io.BytesIO()
     result.save(buffer, format="PNG")
     info = {"model": request.model, "scale": request.scale, "width": result.width, "height": result.height}

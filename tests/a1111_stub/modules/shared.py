@@ -5,7 +5,26 @@ from types import SimpleNamespace
 
 models_path = os.environ.get("D3SR_TEST_MODELS_DIR", "/nonexistent/models")
 cmd_opts = SimpleNamespace(no_half=False, d3sr_models_path=None, ckpt_dir=None)
-state = SimpleNamespace(interrupted=False, skipped=False, sampling_steps=0, sampling_step=0, textinfo=None)
+class State:
+    """The job state; begin() starts a job and clears the interrupt and skip flags, as the webui's does."""
+
+    def __init__(self):
+        self.interrupted = self.skipped = False
+        self.sampling_steps = self.sampling_step = 0
+        self.job = ""
+        self.jobs = []
+
+    def begin(self, job="(unknown)"):
+        self.interrupted = self.skipped = False
+        self.sampling_steps = self.sampling_step = 0
+        self.job = job
+        self.jobs.append(job)
+
+    def end(self):
+        self.job = ""
+
+
+state = State()
 
 
 class OptionInfo:

@@ -38,3 +38,18 @@ def throw_exception_if_processing_interrupted():
     if interrupt_processing:
         interrupt_processing = False
         raise InterruptProcessingException()
+
+
+freed = []
+
+
+def module_size(module):
+    return sum(t.nelement() * t.element_size() for t in module.state_dict().values())
+
+
+def minimum_inference_memory():
+    return 1024 * 1024 * 1024
+
+
+def free_memory(memory_required, device, keep_loaded=[]):
+    freed.append((memory_required, device))
