@@ -280,15 +280,16 @@ def read_tsdsr_dir(
     )
 
 
-def peek_base_family(path: str | os.PathLike) -> str:
-    """The base family a checkpoint needs, read without loading its tensors (a TSD-SR folder is SD3, an OSEDiff
-    file SD 2.x, ours says so in its metadata)."""
+def peek(path: str | os.PathLike) -> tuple[str, int]:
+    """``(base family, trained scale)`` of a checkpoint, read without loading its tensors (a TSD-SR folder is SD3
+    x4, an OSEDiff file SD 2.x x4, ours says so in its metadata)."""
     path = Path(path)
     if path.is_dir():
-        return "sd3"
+        return "sd3", 4
     if path.suffix == ".safetensors":
-        return _read_metadata(path).get("base_family", "unknown")
-    return "sd2"
+        meta = _read_metadata(path)
+        return meta.get("base_family", "unknown"), int(meta.get("scale", 4))
+    return "sd2", 4
 
 
 def load_checkpoint(path: str | os.PathLike, *, embeddings_dir: str | os.PathLike | None = None) -> OneStepCheckpoint:

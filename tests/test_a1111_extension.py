@@ -66,7 +66,7 @@ def test_settings_are_registered(ext):
 
 def test_upscaler_lists_models_and_equals_the_command_line(ext, models, tmp_path):
     upscaler = ext.UpscalerD3SR(None)
-    assert [s.name for s in upscaler.scalers] == ["D3SR osediff", "D3SR tsdsr"]
+    assert [(s.name, s.scale) for s in upscaler.scalers] == [("D3SR osediff", 4), ("D3SR tsdsr", 4)]
     image = photo()
     image.save(tmp_path / "in.png")
     result = upscaler.do_upscale(image, upscaler.scalers[0].data_path)

@@ -117,3 +117,15 @@ def test_converted_safetensors_gives_identical_output(osediff_pkl, tiny_base_dir
         ("default_others", "unet", 4, 8.0),
         ("default_encoder", "vae", 4, 8.0),
     ]
+
+
+def test_peek_reads_family_and_scale_without_tensors(osediff_pkl, tmp_path):
+    from d3sr_core.checkpoints import peek, save_checkpoint
+
+    path, _ = osediff_pkl
+    assert peek(path) == ("sd2", 4)
+    checkpoint = load_checkpoint(path)
+    checkpoint.defaults = checkpoint.defaults.updated(scale=2)
+    saved = save_checkpoint(checkpoint, tmp_path / "x2.safetensors")
+    assert peek(saved) == ("sd2", 2)
+    assert load_checkpoint(saved).defaults.scale == 2

@@ -20,7 +20,7 @@ from modules.call_queue import queue_lock
 from modules.ui_components import InputAccordion
 from modules.upscaler import Upscaler, UpscalerData
 
-from d3sr_core.checkpoints import peek_base_family
+from d3sr_core.checkpoints import peek
 from d3sr_core.color import COLOR_FIXES
 from d3sr_core.image_io import from_pil, to_pil
 from d3sr_core.loading import ModelCache
@@ -74,7 +74,7 @@ def base_for(model_path: str, choice: str = FROM_SETTINGS) -> str:
         if choice not in bases:
             raise ValueError(f"base model {choice!r} is not in models/Stable-diffusion or models/diffusers.")
         return bases[choice]
-    family = peek_base_family(model_path)
+    family, _ = peek(model_path)
     setting = "d3sr_base_sd3" if family == "sd3" else "d3sr_base_sd2"
     value = getattr(shared.opts, setting, "")
     if not value:
@@ -136,7 +136,7 @@ class UpscalerD3SR(Upscaler):
         self.user_path = dirname
         self.model_path = dirname or model_dir()
         super().__init__()
-        self.scalers = [UpscalerData(f"D3SR {name}", path, self, 4) for name, path in list_models().items()]
+        self.scalers = [UpscalerData(f"D3SR {name}", path, self, peek(path)[1]) for name, path in list_models().items()]
 
     def do_upscale(self, img, selected_model):
         return upscale_image(img, selected_model)
