@@ -17,7 +17,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .backbones.base import PredictFn
 from .tiled_vae import count_norms, count_vae_tiles, decoder_steps, encoder_steps, tiled_vae_apply
-from .tiling import gaussian_blend_predictions
+from .tiling import count_latent_tiles, gaussian_blend_predictions
 
 ENCODER_TILE_PADDING = 32
 """Context around each VAE encoder tile, in image pixels (the official default)."""
@@ -130,16 +130,30 @@ class OneStepGenerator(torch.nn.Module):
             hidden = self.vae.quant_conv(hidden)
         return hidden
 
+    def _vae_tiles(self, half: str, height: int, width: int, tile_size: int | None) -> int:
+        """How many tiles the ``half`` (``"encoder"``: image pixels, ``"decoder"``: latent pixels) cuts an
+        ``height x width`` input into; 1 means it runs untiled."""
+        padding = ENCODER_TILE_PADDING if half == "encoder" else DECODER_TILE_PADDING
+        return count_vae_tiles(height, width, tile_size, padding) if tile_size else 1
+
     def vae_progress_steps(self, half: str, height: int, width: int, tile_size: int | None) -> int:
-        """How often :meth:`encode` (``half="encoder"``, image pixels) or :meth:`decode` (``"decoder"``, latent
-        pixels) calls ``progress`` for an input of ``height x width``."""
-        padding, steps = {"encoder": (ENCODER_TILE_PADDING, encoder_steps), "decoder": (DECODER_TILE_PADDING, decoder_steps)}[half]
-        tiles = count_vae_tiles(height, width, tile_size, padding) if tile_size else 1
+        """How often :meth:`encode` (``half="encoder"``) or :meth:`decode` (``"decoder"``) calls ``progress``."""
+        tiles = self._vae_tiles(half, height, width, tile_size)
+        steps = encoder_steps if half == "encoder" else decoder_steps
         return 1 if tiles == 1 else tiles * (count_norms(steps(self.vae)) + 1)
 
-    def latent_tile(self, tile_size: int) -> int:
-        """``tile_size`` rounded down to a whole number of patches (at least one)."""
-        return max(self.patch_size, tile_size // self.patch_size * self.patch_size)
+    def _latent_tiling(self, height: int, width: int, tile_size: int | None, tile_overlap: int) -> tuple[int, int] | None:
+        """``(tile, overlap)`` for latents of ``height x width``, or ``None`` when they fit in one tile. The tile is
+        rounded down to whole patches (at least one) and the overlap kept below it."""
+        if not tile_size or max(height, width) <= tile_size:
+            return None
+        tile = max(self.patch_size, tile_size // self.patch_size * self.patch_size)
+        return tile, min(tile_overlap, tile - 1)
+
+    def denoise_progress_steps(self, height: int, width: int, tile_size: int | None, tile_overlap: int) -> int:
+        """How often :meth:`denoise` calls ``progress`` for latents of ``height x width``."""
+        tiling = self._latent_tiling(height, width, tile_size, tile_overlap)
+        return count_latent_tiles(height, width, *tiling) if tiling else 1
 
     def encode(
         self,
@@ -156,8 +170,7 @@ class OneStepGenerator(torch.nn.Module):
         as the official OSEDiff and TSD-SR scripts do (unseeded there). ``tile_size`` (pixels) enables the tiled
         encoder (see ``tiled_vae.py``) for images larger than one tile.
         """
-        height, width = image.shape[-2:]
-        if tile_size and count_vae_tiles(height, width, tile_size, ENCODER_TILE_PADDING) > 1:
+        if self._vae_tiles("encoder", *image.shape[-2:], tile_size) > 1:
             steps = encoder_steps(self.vae)
             ratio = 1 / self.vae_scale_factor
             moments = tiled_vae_apply(steps, image.to(self.vae_dtype), tile_size, ENCODER_TILE_PADDING, ratio, progress)
@@ -178,8 +191,7 @@ class OneStepGenerator(torch.nn.Module):
         """Image ``(B, 3, fH, fW)`` in [-1, 1] (clamped) from model latents; ``tile_size`` (latent pixels) enables
         the tiled decoder for latents larger than one tile."""
         unscaled = latents.to(self.vae_dtype) / self.latent_scaling_factor
-        height, width = latents.shape[-2:]
-        if tile_size and count_vae_tiles(height, width, tile_size, DECODER_TILE_PADDING) > 1:
+        if self._vae_tiles("decoder", *latents.shape[-2:], tile_size) > 1:
             steps = decoder_steps(self.vae)
             image = tiled_vae_apply(steps, unscaled, tile_size, DECODER_TILE_PADDING, self.vae_scale_factor, progress)
         else:
@@ -222,12 +234,11 @@ class OneStepGenerator(torch.nn.Module):
         tile_batch_size: int = 1,
         progress: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """x0 from ``latents``; with ``tile_size`` the prediction is made per tile and Gaussian-blended first."""
-        if tile_size:
-            tile = self.latent_tile(tile_size)
-            prediction = gaussian_blend_predictions(
-                self.predict, latents, tile, min(tile_overlap, tile - 1), progress, tile_batch_size
-            )
+        """x0 from ``latents``; with ``tile_size`` smaller than the latents the prediction is made per tile and
+        Gaussian-blended first."""
+        tiling = self._latent_tiling(*latents.shape[-2:], tile_size, tile_overlap)
+        if tiling:
+            prediction = gaussian_blend_predictions(self.predict, latents, *tiling, progress, tile_batch_size)
         else:
             prediction = self.predict(latents)
             _tick(progress)

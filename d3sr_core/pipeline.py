@@ -16,7 +16,6 @@ from PIL import Image
 from .color import apply_color_fix
 from .generator import OneStepGenerator
 from .options import UpscaleOptions
-from .tiling import count_latent_tiles
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 """What a device out of memory raises (``torch.OutOfMemoryError`` from torch 2.5 on)."""
@@ -103,19 +102,12 @@ class Upscaler:
         ph, pw = (-(-s // f) * f for s in processing_size(height, width, options))
         return self._count(ph, pw, options)
 
-    def _latent_tiled(self, ph: int, pw: int, options: UpscaleOptions) -> bool:
-        return bool(options.tile_size) and max(ph, pw) // self.generator.vae_scale_factor > options.tile_size
-
     def _count(self, ph: int, pw: int, options: UpscaleOptions) -> int:
         g = self.generator
         lh, lw = ph // g.vae_scale_factor, pw // g.vae_scale_factor
-        latent = 1
-        if self._latent_tiled(ph, pw, options):
-            tile = g.latent_tile(options.tile_size)
-            latent = count_latent_tiles(lh, lw, tile, min(options.tile_overlap, tile - 1))
         return (
             g.vae_progress_steps("encoder", ph, pw, options.vae_encoder_tile_size)
-            + latent
+            + g.denoise_progress_steps(lh, lw, options.tile_size, options.tile_overlap)
             + g.vae_progress_steps("decoder", lh, lw, options.vae_decoder_tile_size)
         )
 
@@ -164,8 +156,7 @@ class Upscaler:
         f = self.generator.pixel_multiple
         pad_h, pad_w = -height % f, -width % f
         lq = F.pad(source.to(self.device) * 2 - 1, (0, pad_w, 0, pad_h), mode="replicate")
-        ph, pw = lq.shape[-2:]
-        total, done = self._count(ph, pw, options), 0
+        total, done = self._count(*lq.shape[-2:], options), 0
 
         def tick() -> None:
             nonlocal done
@@ -184,7 +175,7 @@ class Upscaler:
         )
         x0 = g.denoise(
             latents,
-            tile_size=options.tile_size if self._latent_tiled(ph, pw, options) else None,
+            tile_size=options.tile_size or None,
             tile_overlap=options.tile_overlap,
             tile_batch_size=options.tile_batch_size,
             progress=tick,

@@ -19,6 +19,12 @@ def read_json(path: Path) -> dict:
         return json.load(f)
 
 
+def folder_scheduler_config(folder: Path, shipped_config_dir: Path) -> dict:
+    """A diffusers folder's ``scheduler/scheduler_config.json``, or the shipped one when the folder has none."""
+    own = folder / "scheduler" / "scheduler_config.json"
+    return read_json(own if own.is_file() else shipped_config_dir / "scheduler.json")
+
+
 def from_pretrained(cls, folder: Path, subfolder: str, what: str):
     """``cls.from_pretrained`` of a local diffusers folder, with a failure reported in one sentence."""
     try:

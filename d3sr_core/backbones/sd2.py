@@ -17,7 +17,7 @@ from diffusers.loaders.single_file_utils import (
 )
 
 from ..files import ModelFileError, read_state_dict
-from .base import BaseModel, detect_family_from_unet_config, from_pretrained, read_json
+from .base import BaseModel, detect_family_from_unet_config, folder_scheduler_config, from_pretrained, read_json
 
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs" / "sd21_base"
 LDM_UNET_PROBE_KEY = "model.diffusion_model.input_blocks.0.0.weight"
@@ -68,8 +68,7 @@ def _from_diffusers_folder(path: Path, load_text_encoder: bool) -> BaseModel:
     what = "a diffusers SD 2.x folder"
     unet = from_pretrained(UNet2DConditionModel, path, "unet", what)
     vae = from_pretrained(AutoencoderKL, path, "vae", what)
-    scheduler_file = path / "scheduler" / "scheduler_config.json"
-    scheduler_config = read_json(scheduler_file if scheduler_file.is_file() else SHIPPED_CONFIG_DIR / "scheduler.json")
+    scheduler_config = folder_scheduler_config(path, SHIPPED_CONFIG_DIR)
     prompt_encoder = None
     if load_text_encoder and (path / "text_encoder" / "config.json").is_file():
         from transformers import CLIPTextModel, CLIPTokenizer

@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 
 from ..files import ModelFileError
-from .base import BaseModel, from_pretrained, read_json
+from .base import BaseModel, folder_scheduler_config, from_pretrained, read_json
 
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs" / "sd3_medium"
 
@@ -41,8 +41,7 @@ def load_sd3_base(path: Path) -> BaseModel:
     what = "a diffusers SD3 folder"
     transformer = from_pretrained(SD3Transformer2DModel, path, "transformer", what)
     vae = from_pretrained(AutoencoderKL, path, "vae", what)
-    scheduler_file = path / "scheduler" / "scheduler_config.json"
-    scheduler_config = read_json(scheduler_file if scheduler_file.is_file() else SHIPPED_CONFIG_DIR / "scheduler.json")
+    scheduler_config = folder_scheduler_config(path, SHIPPED_CONFIG_DIR)
     return BaseModel(
         family="sd3",
         denoiser=transformer.eval().requires_grad_(False),
