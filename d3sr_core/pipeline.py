@@ -15,7 +15,7 @@ from PIL import Image
 
 from .color import apply_color_fix
 from .generator import OneStepGenerator
-from .options import UpscaleOptions
+from .options import UpscaleOptions, halved_tiles
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 """What a device out of memory raises (``torch.OutOfMemoryError`` from torch 2.5 on)."""
@@ -149,6 +149,26 @@ class Upscaler:
                 alpha = F.interpolate(alpha, size=out_size, mode="bicubic", align_corners=False, antialias=True)
             result = torch.cat([result, alpha.clamp(0, 1).to(result.device)], dim=1)
         return result
+
+    def upscale_within_memory(
+        self,
+        images: torch.Tensor,
+        options: UpscaleOptions,
+        progress: ProgressFn | None = None,
+        free_cache: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """:meth:`upscale`, retried with every tile halved (:func:`halved_tiles`) while the device runs out of
+        memory, as ComfyUI's own model upscaler does; ``free_cache`` (the host's way to hand cached memory back)
+        runs before each retry. Re-raises once the tiles are at their floor."""
+        while True:
+            try:
+                return self.upscale(images, options, progress)
+            except OutOfMemoryError:
+                options = halved_tiles(options)
+                if options is None:
+                    raise
+                if free_cache is not None:
+                    free_cache()
 
     def _run(self, source: torch.Tensor, options: UpscaleOptions, progress: ProgressFn | None) -> torch.Tensor:
         """The one step on an upsampled RGB ``source`` ``(B, 3, H, W)`` in [0, 1]; returns ``(B, 3, H, W)`` in [0, 1]."""

@@ -6,8 +6,8 @@ from comfy.utils import ProgressBar
 from comfy_api.latest import io
 
 from d3sr_core.color import COLOR_FIXES
-from d3sr_core.options import VAE_SAMPLE_MODES, halved_tiles
-from d3sr_core.pipeline import OutOfMemoryError, Upscaler
+from d3sr_core.options import VAE_SAMPLE_MODES
+from d3sr_core.pipeline import Upscaler
 
 from .loader import D3SR_MODEL
 
@@ -101,18 +101,9 @@ class Upscale(io.ComfyNode):
     @staticmethod
     def _upscale_one(upscaler, image, options, pbar):
         start = pbar.current
-        while True:
-            steps = upscaler.count_steps(image.shape[-2], image.shape[-1], options)
 
-            def progress(done, total):
-                model_management.throw_exception_if_processing_interrupted()
-                pbar.update_absolute(start + done * steps // total)
+        def progress(done, total):
+            model_management.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(start + done)
 
-            try:
-                return upscaler.upscale(image, options, progress).cpu()
-            except OutOfMemoryError:
-                smaller = halved_tiles(options)
-                if smaller is None:
-                    raise
-                options = smaller
-                model_management.soft_empty_cache()
+        return upscaler.upscale_within_memory(image, options, progress, model_management.soft_empty_cache).cpu()

@@ -128,3 +128,19 @@ def test_color_source_input_uses_the_input_as_tsdsr_does(upscaler, color_fix, mo
     assert torch.equal(seen[-1], expected)
     upscaler.upscale(image, options.updated(color_source="upsampled"))
     assert torch.equal(seen[-1], torch.nn.functional.interpolate(image, size=(40, 48), mode="bicubic", align_corners=False).clamp(0, 1))
+
+
+def test_out_of_memory_halves_tiles_down_to_the_floor_then_gives_up(upscaler, monkeypatch):
+    from d3sr_core.pipeline import OutOfMemoryError
+
+    tried, freed = [], []
+
+    def always_out_of_memory(images, options, progress=None):
+        tried.append((options.tile_size, options.vae_encoder_tile_size, options.vae_decoder_tile_size))
+        raise OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(upscaler, "upscale", always_out_of_memory)
+    with pytest.raises(OutOfMemoryError):
+        upscaler.upscale_within_memory(random_image(8, 8), UpscaleOptions(), free_cache=lambda: freed.append(1))
+    assert tried == [(96, 1024, 224), (48, 512, 112), (24, 256, 56), (16, 256, 32)]
+    assert len(freed) == 3

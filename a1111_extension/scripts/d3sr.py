@@ -24,8 +24,6 @@ from d3sr_core.checkpoints import peek
 from d3sr_core.color import COLOR_FIXES
 from d3sr_core.image_io import from_pil, to_pil
 from d3sr_core.loading import ModelCache
-from d3sr_core.options import halved_tiles
-from d3sr_core.pipeline import OutOfMemoryError
 from d3sr_core.pipeline import Upscaler as OneStepUpscaler
 
 MODEL_SUFFIXES = (".safetensors", ".pkl", ".pt", ".pth")
@@ -111,14 +109,7 @@ def upscale_image(image: Image.Image, model_path: str, base: str = FROM_SETTINGS
 
     try:
         upscaler = OneStepUpscaler(loaded.generator, device=device, dtype=dtype_name(device))
-        while True:
-            try:
-                return to_pil(upscaler.upscale(pixels, options, progress)[0])
-            except OutOfMemoryError:
-                options = halved_tiles(options)
-                if options is None:
-                    raise
-                devices.torch_gc()
+        return to_pil(upscaler.upscale_within_memory(pixels, options, progress, devices.torch_gc)[0])
     except Interrupted:
         return image
     finally:
