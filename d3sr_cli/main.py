@@ -1,4 +1,4 @@
-"""``d3sr upscale | convert | info``."""
+"""``d3sr upscale | convert | info | eval | bench | train``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from d3sr_core.files import ModelFileError
 from d3sr_core.image_io import IMAGE_SUFFIXES, ImageFileError
 from d3sr_core.metrics import ALL_METRICS
 from d3sr_core.options import DTYPES, UPSAMPLERS, VAE_SAMPLE_MODES
+
+from .train import add_train
 
 
 class CommandError(Exception):
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_eval(sub)
     _add_bench(sub)
+    add_train(sub)
     return parser
 
 
@@ -184,8 +187,8 @@ def run_upscale(args: argparse.Namespace) -> int:
     clobbered = [f for f in files if (out_dir / f"{f.stem}.png").resolve() == f.resolve()]
     if clobbered:
         raise CommandError(f"the result for {clobbered[0]} would overwrite it; choose another --output-dir.")
-    if not args.model or not args.base:
-        raise CommandError("--model and --base are required: no default model is bundled yet.")
+    if not args.model:
+        raise CommandError("--model is required: no default model is bundled yet.")
     device = _device(args.device)
     loaded = load_model(
         args.model,
@@ -246,7 +249,9 @@ def run_info(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.model, embeddings_dir=args.embeddings)
     info = checkpoint.metadata()
     info["adapters"] = json.loads(info["adapters"])
-    info["defaults"] = json.loads(info["defaults"])
+    for key in ("defaults", "base_configs", "training_config"):
+        if key in info:
+            info[key] = json.loads(info[key])
     info["file"] = str(args.model)
     info["file_format"] = (
         "TSD-SR folder" if Path(args.model).is_dir()

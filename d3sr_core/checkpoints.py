@@ -16,7 +16,13 @@ use the plain module names (``unet.conv_in.weight``), and stored prompt embeddin
 ``adapters``           JSON list of ``{name, component, rank, alpha, targets}``
 ``prompt_embedding``   ``"true"`` when ``conditioning.prompt_embeds`` is stored
 ``defaults``           JSON of the method's :class:`UpscaleOptions` preset
+``base_configs``       only in a self-contained file: JSON ``{unet, vae, scheduler}`` configs
+``training_config``    optional: JSON of the training run that wrote it
 =====================  ===============================================================
+
+A **self-contained** file (a model trained from a base that exists nowhere else, such as the bundled default)
+also stores its base: ``base.unet.<name>`` and ``base.vae.<name>`` hold the base weights before LoRA, and
+``base_configs`` their configs, so it runs with no base model given.
 
 **OSEDiff** ``.pkl`` (read only): the dict written by ``OSEDiff_gen.save_model`` (reference/methods.md 1.2), read
 with the weights-only unpickler. Its LoRA alpha is peft's default (8), which the file does not store.
@@ -41,6 +47,7 @@ from safetensors.torch import save_file
 
 from .backbones import BaseModel
 from .backbones.base import FAMILIES
+from .backbones.sd2 import sd2_base_from_embedded
 from .files import PICKLE_SUFFIXES, ModelFileError, atomic_output, read_pickle, read_safetensors, require_file
 from .generator import PREDICTION_TYPES, OneStepGenerator, alphas_cumprod_from_config
 from .lora import (
@@ -60,6 +67,7 @@ FORMAT_NAME = "d3sr-onestep"
 FORMAT_VERSION = 1
 COMPONENTS = ("unet", "transformer", "vae")
 CONDITIONING_PREFIX = "conditioning."
+EMBEDDED_BASE_PREFIX = "base."
 
 
 @dataclass
@@ -75,8 +83,18 @@ class OneStepCheckpoint:
     conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
     defaults: UpscaleOptions = field(default_factory=UpscaleOptions)
     source: Path | None = None
+    base_configs: dict | None = None
+    """The embedded base's ``{unet, vae, scheduler}`` configs; ``None`` when the file needs a base model."""
+    base_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The embedded base's weights, ``unet.<name>`` / ``vae.<name>``."""
+    training_config: dict | None = None
 
     def metadata(self) -> dict[str, str]:
+        extra = {}
+        if self.base_configs is not None:
+            extra["base_configs"] = json.dumps(self.base_configs)
+        if self.training_config is not None:
+            extra["training_config"] = json.dumps(self.training_config)
         return {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
@@ -88,6 +106,7 @@ class OneStepCheckpoint:
             "adapters": adapters_to_json(self.adapters),
             "prompt_embedding": "true" if "prompt_embeds" in self.conditioning else "false",
             "defaults": json.dumps(self.defaults.to_json()),
+            **extra,
         }
 
 
@@ -98,6 +117,7 @@ def save_checkpoint(checkpoint: OneStepCheckpoint, path: str | os.PathLike) -> P
         raise ValueError(f"{path} must end in .safetensors.")
     tensors = {k: v.detach().contiguous().cpu() for k, v in checkpoint.tensors.items()}
     tensors.update({CONDITIONING_PREFIX + k: v.detach().contiguous().cpu() for k, v in checkpoint.conditioning.items()})
+    tensors.update({EMBEDDED_BASE_PREFIX + k: v.detach().contiguous().cpu() for k, v in checkpoint.base_tensors.items()})
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=checkpoint.metadata())
     return path
@@ -109,6 +129,10 @@ def _read_metadata(path: Path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise ModelFileError(f"{path} is not a readable .safetensors file ({err}).") from None
+
+
+def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _read_ours(path: Path) -> OneStepCheckpoint:
@@ -128,10 +152,13 @@ def _read_ours(path: Path) -> OneStepCheckpoint:
             prediction_type=meta["prediction_type"],
             timestep=int(meta["timestep"]),
             adapters=adapters_from_json(meta["adapters"]),
-            tensors={k: v for k, v in tensors.items() if not k.startswith(CONDITIONING_PREFIX)},
-            conditioning={k[len(CONDITIONING_PREFIX):]: v for k, v in tensors.items() if k.startswith(CONDITIONING_PREFIX)},
+            tensors={k: v for k, v in tensors.items() if not k.startswith((CONDITIONING_PREFIX, EMBEDDED_BASE_PREFIX))},
+            conditioning=_with_prefix(tensors, CONDITIONING_PREFIX),
             defaults=UpscaleOptions.from_json({**json.loads(meta.get("defaults", "{}")), "scale": int(meta["scale"])}),
             source=path,
+            base_configs=json.loads(meta["base_configs"]) if "base_configs" in meta else None,
+            base_tensors=_with_prefix(tensors, EMBEDDED_BASE_PREFIX),
+            training_config=json.loads(meta["training_config"]) if "training_config" in meta else None,
         )
     except ModelFileError:
         raise
@@ -144,6 +171,8 @@ def _read_ours(path: Path) -> OneStepCheckpoint:
     for spec in checkpoint.adapters:
         if spec.component not in COMPONENTS:
             raise ModelFileError(f"{path} has an adapter on {spec.component!r}; expected one of {COMPONENTS}.")
+    if (checkpoint.base_configs is None) != (not checkpoint.base_tensors):
+        raise ModelFileError(f"{path} has base_configs metadata and base.* weights that do not come together.")
     return checkpoint
 
 
@@ -292,6 +321,22 @@ def peek(path: str | os.PathLike) -> tuple[str, int]:
     return "sd2", 4
 
 
+def embeds_base(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint at ``path`` is self-contained (stores its base model), read from its metadata."""
+    path = Path(path)
+    return path.is_file() and path.suffix == ".safetensors" and "base_configs" in _read_metadata(path)
+
+
+def embedded_base(checkpoint: OneStepCheckpoint) -> BaseModel:
+    """The base model stored inside a self-contained checkpoint (fp32, CPU, eval)."""
+    source = checkpoint.source or Path("the checkpoint")
+    if checkpoint.base_configs is None:
+        raise ModelFileError(f"{source} stores no base model; give the base it was trained on.")
+    if checkpoint.base_family != "sd2":
+        raise ModelFileError(f"{source} embeds a {checkpoint.base_family} base; only SD 2.x-shaped bases can be embedded.")
+    return sd2_base_from_embedded(checkpoint.base_configs, checkpoint.base_tensors, source)
+
+
 def load_checkpoint(path: str | os.PathLike, *, embeddings_dir: str | os.PathLike | None = None) -> OneStepCheckpoint:
     """Read any supported one-step checkpoint: ours (``.safetensors``), OSEDiff (``.pkl``/``.pt``/``.pth``), or a
     TSD-SR folder (``embeddings_dir`` as in :func:`read_tsdsr_dir`)."""
@@ -397,21 +442,32 @@ def build_generator(
         if name not in conditioning or conditioning[name].shape[-1] != width:
             found = tuple(conditioning[name].shape) if name in conditioning else "nothing"
             raise ModelFileError(f"{source} gives {name} of shape {found}; {base.source} expects a last dimension of {width}.")
-    flow = checkpoint.prediction_type == "flow"
-    # DDPMScheduler clamps x0 unless its config says clip_sample=false (its default is true).
-    clips = not flow and config.get("clip_sample", True)
-    generator = OneStepGenerator(
-        base.vae,
-        base.denoiser,
-        base.predict_fn,
-        prediction_type=checkpoint.prediction_type,
-        timestep=checkpoint.timestep,
-        alphas_cumprod=None if flow else alphas_cumprod_from_config(config),
-        clip_sample_range=float(config.get("clip_sample_range", 1.0)) if clips else None,
-        latent_scaling_factor=base.vae.config.scaling_factor,
-        conditioning=conditioning,
+    generator = generator_on_base(
+        base, prediction_type=checkpoint.prediction_type, timestep=checkpoint.timestep, conditioning=conditioning
     )
     if merge_lora:
         merge_adapters(base.denoiser)
         merge_adapters(base.vae)
     return generator.eval().requires_grad_(False)
+
+
+def generator_on_base(
+    base: BaseModel, *, prediction_type: str, timestep: int, conditioning: dict[str, torch.Tensor]
+) -> OneStepGenerator:
+    """A generator that runs ``base``'s denoiser and VAE (as they are, adapters included) in one step at
+    ``timestep``, with the noise schedule and x0 clamping of the base's scheduler config."""
+    config = base.scheduler_config
+    flow = prediction_type == "flow"
+    # DDPMScheduler clamps x0 unless its config says clip_sample=false (its default is true).
+    clips = not flow and config.get("clip_sample", True)
+    return OneStepGenerator(
+        base.vae,
+        base.denoiser,
+        base.predict_fn,
+        prediction_type=prediction_type,
+        timestep=timestep,
+        alphas_cumprod=None if flow else alphas_cumprod_from_config(config),
+        clip_sample_range=float(config.get("clip_sample_range", 1.0)) if clips else None,
+        latent_scaling_factor=base.vae.config.scaling_factor,
+        conditioning=conditioning,
+    )

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .backbones import load_base
-from .checkpoints import build_generator, load_checkpoint
+from .checkpoints import build_generator, embedded_base, load_checkpoint
+from .files import ModelFileError
 from .generator import OneStepGenerator
 from .options import UpscaleOptions
 
@@ -22,18 +23,26 @@ class LoadedModel:
 
 def load_model(
     model: str | os.PathLike,
-    base: str | os.PathLike,
+    base: str | os.PathLike | None = None,
     *,
     embeddings_dir: str | os.PathLike | None = None,
     base_config: str | os.PathLike | None = None,
     prompt: str | None = None,
     merge_lora: bool = True,
 ) -> LoadedModel:
-    """Read the checkpoint at ``model``, load the base at ``base`` (its text encoder only when a prompt must be
-    encoded), and build the generator (see ``checkpoints.build_generator``)."""
+    """Read the checkpoint at ``model``, load its base, and build the generator (see ``checkpoints.build_generator``).
+
+    A self-contained checkpoint brings its own base, and ``base`` is not used (no other base fits it); otherwise
+    the base at ``base`` is loaded, with its text encoder only when a prompt must be encoded.
+    """
     checkpoint = load_checkpoint(model, embeddings_dir=embeddings_dir)
-    needs_text = prompt is not None or not checkpoint.conditioning
-    loaded_base = load_base(base, base_config, load_text_encoder=needs_text)
+    if checkpoint.base_configs is not None:
+        loaded_base = embedded_base(checkpoint)
+    elif base is None:
+        raise ModelFileError(f"{model} needs the base model it was trained on, and none was given.")
+    else:
+        needs_text = prompt is not None or not checkpoint.conditioning
+        loaded_base = load_base(base, base_config, load_text_encoder=needs_text)
     generator = build_generator(checkpoint, loaded_base, prompt=prompt, merge_lora=merge_lora)
     return LoadedModel(generator, checkpoint.defaults)
 
@@ -45,8 +54,8 @@ class ModelCache:
         self._key: tuple | None = None
         self._loaded: LoadedModel | None = None
 
-    def get(self, model: str | os.PathLike, base: str | os.PathLike, **kwargs) -> LoadedModel:
-        key = (str(Path(model)), str(Path(base)), tuple(sorted(kwargs.items())))
+    def get(self, model: str | os.PathLike, base: str | os.PathLike | None, **kwargs) -> LoadedModel:
+        key = (str(Path(model)), str(base and Path(base)), tuple(sorted(kwargs.items())))
         if key != self._key:
             self.clear()
             self._loaded = load_model(model, base, **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -102,3 +103,17 @@ def merge_adapters(model: torch.nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.get_base_layer())
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run ``model`` as its base (every LoRA layer bypassed) inside the ``with`` block, e.g. to encode the real
+    images with the original VAE encoder while the encoder's adapter trains."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)

@@ -94,7 +94,7 @@ def _check_weights(expected: dict, state: dict, path: Path, what: str) -> None:
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ModelFileError(
-            f"{path} is not a single-file SD 2.x checkpoint matching the {what} config: "
+            f"{path} does not hold the weights of the {what} config: "
             f"{len(missing)} {what} weights are missing, such as {missing[0]!r}."
         )
     for key, value in expected.items():
@@ -116,6 +116,31 @@ def _build_with_weights(factory, state: dict, path: Path, what: str) -> torch.nn
     # differently from the same weights loaded any other way.
     model.load_state_dict({k: state[k].clone() for k in expected}, assign=True)
     return model
+
+
+def sd2_base_from_embedded(configs: dict, state: dict[str, torch.Tensor], source: Path) -> BaseModel:
+    """An SD 2.x-shaped base stored inside a checkpoint: ``configs`` holds the ``unet``, ``vae`` and ``scheduler``
+    configs, ``state`` the weights as ``unet.<name>`` / ``vae.<name>`` (diffusers names)."""
+    for part in ("unet", "vae", "scheduler"):
+        if not isinstance(configs.get(part), dict):
+            raise ModelFileError(f"{source} embeds a base model without a {part} config.")
+
+    def part_state(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+    unet = _build_with_weights(lambda: UNet2DConditionModel.from_config(configs["unet"]), part_state("unet"), source, "UNet")
+    vae = _build_with_weights(lambda: AutoencoderKL.from_config(configs["vae"]), part_state("vae"), source, "VAE")
+    base = BaseModel(
+        family=detect_family_from_unet_config(configs["unet"]),
+        denoiser=unet,
+        vae=vae,
+        predict_fn=predict_unet,
+        scheduler_config=configs["scheduler"],
+        source=source,
+    )
+    base.denoiser.eval().requires_grad_(False)
+    base.vae.eval().requires_grad_(False)
+    return base
 
 
 def _from_single_file(path: Path, config_dir: str | os.PathLike | None, load_text_encoder: bool) -> BaseModel:

@@ -1,0 +1,121 @@
+"""A training run is one nested dict: the defaults below, a preset or YAML file merged over them, then ``--set``.
+
+The merged dict is logged, saved with every checkpoint and stored in the exported model, so two runs compare
+by their configs. Keys a run does not know are refused (a typo must not silently train with a default).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+DEFAULTS: dict = {
+    "method": "d3sr",
+    "seed": 0,
+    "model": {
+        # An SD 2.x base: diffusers folder or single-file checkpoint. Exported models store only what training
+        # changed and name this base.
+        "base": None,
+        # Or a base built from configs with random weights ({unet, vae, scheduler}); the exported model is then
+        # self-contained (the tiny preset, the bundled default model).
+        "base_configs": None,
+        "prompt": "",  # the fixed prompt the generator sees (D3SR uses no tagger)
+        "timestep": 999,  # the generator's one timestep
+    },
+    "data": {
+        "hr_dir": None,  # a folder of high-resolution images, degraded on the fly
+        "lr_dir": None,  # with hr_dir: paired low-resolution images of the same names (no degradation)
+        "crop_size": 512,  # HR crop side in pixels (a multiple of scale * 8)
+        "scale": 4,
+        "flip": True,
+        "num_workers": 2,
+        "degradation": {},  # overrides of training.degradation.DegradationConfig (OSEDiff's Real-ESRGAN set)
+    },
+    "train": {
+        "max_steps": 100000,
+        "batch_size": 4,  # per process
+        "gradient_accumulation_steps": 1,
+        "mixed_precision": "no",  # no | fp16 | bf16
+        "gradient_checkpointing": False,
+        "max_grad_norm": 1.0,
+        "lr_warmup_steps": 500,  # linear warm-up, then constant (OSEDiff's schedule)
+        "ema_decay": 0.0,  # 0 disables the EMA of the generator's trainable weights
+        "checkpoint_every": 1000,
+        "checkpoints_total_limit": 2,
+        "log_every": 10,
+        "log_with": "csv",  # csv | tensorboard
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message is one sentence."""
+
+
+def merge(base: dict, override: dict, where: str = "") -> dict:
+    """``override`` merged into a copy of ``base``; a key ``base`` lacks is an error, except inside a dict whose
+    default is empty (free-form sections such as ``data.degradation``) or ``None`` (``model.base_configs``)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        path = f"{where}{key}"
+        if key not in merged:
+            known = ", ".join(sorted(merged)) or "none"
+            raise ConfigError(f"unknown config key {path!r}; known keys here: {known}.")
+        if isinstance(merged[key], dict) and merged[key]:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path!r} must be a mapping, got {value!r}.")
+            merged[key] = merge(merged[key], value, path + ".")
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """``"a.b.c=value"`` -> ``{"a": {"b": {"c": value}}}`` with ``value`` read as YAML (numbers, booleans, null)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r} is not key=value.")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level.")
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(
+    *, preset: str | None = None, file: str | os.PathLike | None = None, overrides: list[str] = (), method_defaults: dict
+) -> dict:
+    """The run's config: ``DEFAULTS`` plus the method's section, then the preset, the file and the overrides."""
+    config = merge(DEFAULTS, {})
+    for name, section in method_defaults.items():
+        config[name] = copy.deepcopy(section)
+    layers = []
+    if preset is not None:
+        if preset not in preset_names():
+            raise ConfigError(f"preset {preset!r} does not exist; available: {', '.join(preset_names())}.")
+        layers.append(read_yaml(PRESET_DIR / f"{preset}.yaml"))
+    if file is not None:
+        layers.append(read_yaml(file))
+    layers += [parse_override(text) for text in overrides]
+    for layer in layers:
+        config = merge(config, layer)
+    return config

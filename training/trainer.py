@@ -1,0 +1,337 @@
+"""One training loop for every method, on ``accelerate``: one CPU process, several GPUs and several nodes run
+the same code (``accelerate launch`` is the distributed engine).
+
+A run writes into its output folder:
+
+* ``checkpoint-<step>/``: everything to resume exactly (``accelerate``'s optimizer, scheduler and RNG states;
+  ``trainable.safetensors`` with the trained tensors and the EMA; ``training_state.json`` with the step; the
+  run's ``config.yaml``) and ``model.safetensors``, the generator as it was at that step. A checkpoint is
+  written under ``checkpoint-<step>.partial`` and renamed when complete, so a process that dies while writing
+  never leaves a damaged checkpoint under a final name.
+* ``model.safetensors`` (our format, loads in ``d3sr upscale`` and the host plug-ins as it is) and, when the UNet
+  carries LoRA, ``model_kohya_unet_lora.safetensors`` for ComfyUI's and A1111's own LoRA loaders.
+* ``logs/train.csv`` (or TensorBoard event files).
+
+The data a step sees, and every random draw of a step, are functions of (seed, step, rank): a resumed run
+continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from d3sr_core.checkpoints import save_checkpoint
+from d3sr_core.files import atomic_output
+from d3sr_core.kohya import kohya_unet_lora
+
+from .data import SRPairDataset, StreamPosition, build_dataloader
+from .degradation import DegradationConfig
+from .methods import METHODS, Prepared, TrainingMethod
+
+CHECKPOINT_PREFIX = "checkpoint-"
+PARTIAL_SUFFIX = ".partial"
+TRAINABLE_FILE = "trainable.safetensors"
+STATE_FILE = "training_state.json"
+EMA_PREFIX = "ema."
+LOG_WITH = ("csv", "tensorboard")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+class TrainingError(ValueError):
+    """A run that cannot start or continue; the message is one sentence."""
+
+
+def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{step}:{micro_step}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every complete checkpoint in ``output_dir``, oldest first."""
+    found = []
+    for folder in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        if folder.is_dir() and not folder.name.endswith(PARTIAL_SUFFIX) and (folder / STATE_FILE).is_file():
+            with open(folder / STATE_FILE, encoding="utf-8") as f:
+                found.append((int(json.load(f)["step"]), folder))
+    return sorted(found)
+
+
+class EMA:
+    """Exponential moving average of the generator's trained weights: ``shadow = decay * shadow + (1 - decay) * w``."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().float().clone() for k, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.nn.Parameter]) -> None:
+        for key, p in params.items():
+            self.shadow[key].lerp_(p.detach().float(), 1 - self.decay)
+
+
+class CSVLog:
+    """``logs/train.csv``: one row per logged step; a resumed run first drops the rows after its start step."""
+
+    def __init__(self, path: Path, start_step: int):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows = []
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+
+    def log(self, values: dict, step: int) -> None:
+        self.rows.append({"step": step, **values})
+        fields = list(dict.fromkeys(k for row in self.rows for k in row))
+        with atomic_output(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+class Trainer:
+    """Runs ``config`` (see ``training/config.py``) into ``output_dir``.
+
+    ``resume``: continue from the newest complete checkpoint in ``output_dir``. Without it an output folder that
+    already holds checkpoints is refused, so a run is never mixed into another by accident.
+    """
+
+    def __init__(self, config: dict, output_dir: str | os.PathLike, *, resume: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        self.config = config
+        self.output_dir = Path(output_dir)
+        train = config["train"]
+        if config["method"] not in METHODS:
+            raise TrainingError(f"method {config['method']!r} is not one of {sorted(METHODS)}.")
+        if train["mixed_precision"] not in MIXED_PRECISION:
+            raise TrainingError(f"train.mixed_precision {train['mixed_precision']!r} is not one of {MIXED_PRECISION}.")
+        if train["log_with"] not in LOG_WITH:
+            raise TrainingError(f"train.log_with {train['log_with']!r} is not one of {LOG_WITH}.")
+        if config["data"]["hr_dir"] is None:
+            raise TrainingError("no training data: set data.hr_dir (a folder of high-resolution images), e.g. with --data DIR.")
+        existing = complete_checkpoints(self.output_dir) if self.output_dir.is_dir() else []
+        if existing and not resume:
+            raise TrainingError(
+                f"{self.output_dir} already holds checkpoints (newest step {existing[-1][0]}); pass --resume to "
+                "continue that run, or choose another --output-dir."
+            )
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=train["mixed_precision"],
+            gradient_accumulation_steps=int(train["gradient_accumulation_steps"]),
+            log_with="tensorboard" if train["log_with"] == "tensorboard" else None,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        # The same seed on every process: every rank builds identical random weights (LoRA, heads, a random base).
+        set_seed(int(config["seed"]))
+        self.method: TrainingMethod = METHODS[config["method"]](config)
+        self._prepare()
+        self.ema = None
+        if float(train["ema_decay"]) > 0:
+            self.ema = EMA(self.method.generator_parameters(), float(train["ema_decay"]))
+        accelerator.register_save_state_pre_hook(self._save_models_hook)
+        accelerator.register_load_state_pre_hook(self._load_models_hook)
+        self.start_step = 0
+        if resume and existing:
+            self.start_step = self._resume(existing[-1][1])
+        self._stop_requested = False
+
+    def _prepare(self) -> None:
+        accelerator, train = self.accelerator, self.config["train"]
+        models = self.method.models()
+        if accelerator.mixed_precision in ("fp16", "bf16"):
+            dtype = torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16
+            for model in models.values():
+                for p in model.parameters():
+                    if not p.requires_grad:
+                        p.data = p.data.to(dtype)
+        specs = self.method.optimizer_specs()
+        optimizers = [
+            torch.optim.AdamW(s.params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay) for s in specs
+        ]
+        warmup = int(train["lr_warmup_steps"])
+        schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+            for opt in optimizers
+        ]
+        prepared = accelerator.prepare(*models.values(), *optimizers, *schedulers)
+        n, k = len(models), len(optimizers)
+        self.method.bind(
+            Prepared(
+                models=dict(zip(models, prepared[:n])),
+                optimizers={s.name: o for s, o in zip(specs, prepared[n:n + k])},
+                schedulers={s.name: sch for s, sch in zip(specs, prepared[n + k:])},
+            ),
+            accelerator,
+            float(train["max_grad_norm"]) or None,
+        )
+
+    # accelerate would save and load every weight of every model, frozen base included; the trained tensors
+    # are all a run needs, so the hooks take the models out of its hands.
+    def _save_models_hook(self, models, weights, output_dir) -> None:
+        weights.clear()
+        if self.accelerator.is_main_process:
+            tensors = self.method.trainable_state_dict()
+            if self.ema is not None:
+                tensors.update({EMA_PREFIX + k: v for k, v in self.ema.shadow.items()})
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(output_dir) / TRAINABLE_FILE))
+
+    def _load_models_hook(self, models, input_dir) -> None:
+        models.clear()
+
+    def _resume(self, folder: Path) -> int:
+        self.accelerator.load_state(str(folder))
+        tensors = load_file(str(folder / TRAINABLE_FILE))
+        self.method.load_trainable_state_dict({k: v for k, v in tensors.items() if not k.startswith(EMA_PREFIX)})
+        if self.ema is not None:
+            for key in self.ema.shadow:
+                if EMA_PREFIX + key not in tensors:
+                    raise TrainingError(f"{folder} has no EMA weights, but this run keeps an EMA (train.ema_decay > 0).")
+                self.ema.shadow[key].copy_(tensors[EMA_PREFIX + key])
+        with open(folder / STATE_FILE, encoding="utf-8") as f:
+            step = int(json.load(f)["step"])
+        self.accelerator.print(f"resumed from {folder} at step {step}")
+        return step
+
+    def save(self, step: int) -> Path:
+        """Write ``checkpoint-<step>`` (through a ``.partial`` name) and keep the newest ``checkpoints_total_limit``."""
+        accelerator = self.accelerator
+        final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        if accelerator.is_main_process:
+            save_checkpoint(self.export(), partial / "model.safetensors")
+            with open(partial / "config.yaml", "w", encoding="utf-8") as f:
+                yaml.safe_dump(self.config, f, sort_keys=False)
+            with open(partial / STATE_FILE, "w", encoding="utf-8") as f:
+                json.dump({"step": step, "method": self.config["method"]}, f)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            limit = int(self.config["train"]["checkpoints_total_limit"])
+            for _, old in complete_checkpoints(self.output_dir)[:-limit] if limit > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    def export(self):
+        """The generator in our format (EMA weights when the run keeps an EMA)."""
+        return self.method.export(self.config, self.ema.shadow if self.ema is not None else None)
+
+    def write_exports(self) -> Path:
+        """``model.safetensors`` and, when the UNet carries LoRA, ``model_kohya_unet_lora.safetensors``."""
+        checkpoint = self.export()
+        path = save_checkpoint(checkpoint, self.output_dir / "model.safetensors")
+        unet = {k[len("unet."):]: v for k, v in checkpoint.tensors.items() if k.startswith("unet.")}
+        unet_adapters = [a for a in checkpoint.adapters if a.component == "unet"]
+        if unet_adapters:
+            base_conv_in = getattr(self.method.generator, "base_conv_in", {})
+            kohya = kohya_unet_lora(unet, unet_adapters, base_conv_in)
+            with atomic_output(self.output_dir / "model_kohya_unet_lora.safetensors") as tmp:
+                save_file(kohya, str(tmp), metadata={"ss_network_module": "networks.lora", "d3sr_method": checkpoint.method})
+        return path
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process was asked to stop (all processes must stop at the same step)."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+    def _dataloader(self):
+        data, train = self.config["data"], self.config["train"]
+        dataset = SRPairDataset(
+            data["hr_dir"],
+            crop_size=int(data["crop_size"]),
+            scale=int(data["scale"]),
+            seed=int(self.config["seed"]),
+            flip=bool(data["flip"]),
+            lr_dir=data["lr_dir"],
+            degradation=DegradationConfig.from_dict({"scale": int(data["scale"]), **data["degradation"]}),
+        )
+        accumulation = int(train["gradient_accumulation_steps"])
+        position = StreamPosition(
+            micro_batch=self.start_step * accumulation,
+            batch_size=int(train["batch_size"]),
+            rank=self.accelerator.process_index,
+            world=self.accelerator.num_processes,
+        )
+        return build_dataloader(dataset, position, int(data["num_workers"]))
+
+    def train(self) -> str:
+        """Train to ``train.max_steps``; returns ``"finished"`` (exports written) or ``"stopped"`` (SIGTERM:
+        checkpoint written, resume with ``--resume``)."""
+        accelerator, train = self.accelerator, self.config["train"]
+        max_steps, accumulation = int(train["max_steps"]), int(train["gradient_accumulation_steps"])
+        every, log_every = int(train["checkpoint_every"]), int(train["log_every"])
+        log = CSVLog(self.output_dir / "logs" / "train.csv", self.start_step) if train["log_with"] == "csv" else None
+        if train["log_with"] == "tensorboard":
+            accelerator.init_trackers("d3sr", config=_flat(self.config))
+        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        batches = iter(self._dataloader())
+        bar = tqdm(total=max_steps, initial=self.start_step, desc=f"d3sr train ({self.config['method']})",
+                   disable=not accelerator.is_main_process, dynamic_ncols=True)
+        status, step = "finished", self.start_step
+        try:
+            while step < max_steps:
+                sums: dict[str, float] = {}
+                for micro in range(accumulation):
+                    batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+                    rng = torch.Generator().manual_seed(step_seed(int(self.config["seed"]), step, micro, accelerator.process_index))
+                    for key, value in self.method.training_step(batch, step, rng).items():
+                        sums[key] = sums.get(key, 0.0) + value / accumulation
+                step += 1
+                if self.ema is not None:
+                    self.ema.update(self.method.generator_parameters())
+                if any(not math.isfinite(v) for v in sums.values()):
+                    raise TrainingError(f"a loss became NaN or infinite at step {step} ({sums}); lower the learning rates or check the data.")
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in sums.items() if k.startswith("loss")})
+                if step % log_every == 0 or step == max_steps:
+                    if log is not None and accelerator.is_main_process:
+                        log.log(sums, step)
+                    accelerator.log(sums, step=step)
+                stop = self._stop_agreed()
+                if step % every == 0 or step == max_steps or stop:
+                    self.save(step)
+                if stop:
+                    status = "stopped"
+                    break
+        finally:
+            bar.close()
+            signal.signal(signal.SIGTERM, previous)
+        if status == "finished" and accelerator.is_main_process:
+            self.write_exports()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return status
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """Scalars of a nested config as ``a.b.c`` keys (what TensorBoard's hyper-parameter table takes)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[f"{prefix}{key}"] = value
+    return flat
