@@ -71,8 +71,19 @@ def merge(base: dict, override: dict, where: str = "") -> dict:
                 raise ConfigError(f"config key {path!r} must be a mapping, got {value!r}.")
             merged[key] = merge(merged[key], value, path + ".")
         else:
-            merged[key] = copy.deepcopy(value)
+            merged[key] = _like_default(merged[key], value, path)
     return merged
+
+
+def _like_default(default, value, path: str):
+    """``value`` as the default's type where that is a number: YAML reads ``5e-5`` as a string (YAML 1.1)."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)) or isinstance(value, bool):
+        return copy.deepcopy(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {path!r} must be a number, got {value!r}.") from None
+    return int(number) if isinstance(default, int) and number.is_integer() else number
 
 
 def parse_override(text: str) -> dict:

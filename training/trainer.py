@@ -129,7 +129,11 @@ class Trainer:
                 f"{self.output_dir} already holds checkpoints (newest step {existing[-1][0]}); pass --resume to "
                 "continue that run, or choose another --output-dir."
             )
+        # Without a GPU, accelerate turns a multi-process launch (torchrun's WORLD_SIZE) into gloo CPU processes
+        # only when told to use the CPU.
+        cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = accelerator = Accelerator(
+            cpu=cpu_processes,
             mixed_precision=train["mixed_precision"],
             gradient_accumulation_steps=int(train["gradient_accumulation_steps"]),
             log_with="tensorboard" if train["log_with"] == "tensorboard" else None,
