@@ -45,7 +45,7 @@ def run_train(args: argparse.Namespace) -> int:
     status = trainer.train()
     if trainer.accelerator.is_main_process:
         if status == "finished":
-            print(f"trained {config['train']['max_steps']} steps; model: {trainer.output_dir / 'model.safetensors'}")
+            print(f"trained {config['train']['max_steps']} steps; model: {trainer.model_path}")
         else:
             print(f"stopped by SIGTERM; resume with --resume --output-dir {trainer.output_dir}")
     return 0

@@ -24,6 +24,7 @@ DEFAULTS: dict = {
         # Or a base built from configs with random weights ({unet, vae, scheduler}); the exported model is then
         # self-contained (the tiny preset, the bundled default model).
         "base_configs": None,
+        "embed_base": False,  # store the base inside exported models even though it was loaded from model.base
         "prompt": "",  # the fixed prompt the generator sees (D3SR uses no tagger)
         "timestep": 999,  # the generator's one timestep
     },

@@ -90,6 +90,7 @@ class SRPairDataset(Dataset):
 
     With only ``hr_dir``, LQ images are made from random HR crops by the Real-ESRGAN degradation. With ``lr_dir``
     too, the LQ image of the same name is cropped at the matching place (it must be exactly 1/scale the size).
+    With ``make_lq=False`` only ``"gt"`` is returned (methods that train on HR images alone).
     Indexed by sample ids from :class:`StreamSampler`.
     """
 
@@ -103,6 +104,7 @@ class SRPairDataset(Dataset):
         flip: bool = True,
         lr_dir: str | os.PathLike | None = None,
         degradation: DegradationConfig | None = None,
+        make_lq: bool = True,
     ):
         hr_dir = Path(hr_dir)
         if not hr_dir.is_dir():
@@ -119,7 +121,7 @@ class SRPairDataset(Dataset):
             if missing:
                 raise ValueError(f"data.lr_dir {lr_dir} has no image named like {missing[0]} (pairs match by file name).")
             self.lr_files = [by_stem[f.stem] for f in self.hr_files]
-        self.crop_size, self.scale, self.seed, self.flip = crop_size, scale, seed, flip
+        self.crop_size, self.scale, self.seed, self.flip, self.make_lq = crop_size, scale, seed, flip, make_lq
         self.degradation = degradation or DegradationConfig(scale=scale)
         if self.degradation.scale != scale:
             raise ValueError(f"data.degradation.scale {self.degradation.scale} differs from data.scale {scale}.")
@@ -132,7 +134,7 @@ class SRPairDataset(Dataset):
         rng = torch.Generator().manual_seed(sample_seed(self.seed, sample_id))
         try:
             hr = _open_rgb(self.hr_files[index])
-            lr = _open_rgb(self.lr_files[index]) if self.lr_files is not None else None
+            lr = _open_rgb(self.lr_files[index]) if self.lr_files is not None and self.make_lq else None
         except ImageFileError as err:
             raise ValueError(f"training image cannot be read: {err}") from None
         crop, s = self.crop_size, self.scale
@@ -150,6 +152,8 @@ class SRPairDataset(Dataset):
         flipped = self.flip and bool(torch.rand((), generator=rng) < 0.5)
         if flipped:
             gt = gt.flip(-1)
+        if not self.make_lq:
+            return {"gt": gt.contiguous() * 2 - 1}
         if lr is None:
             lq = real_esrgan_degrade(gt, self.degradation, rng)
         else:

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
 from torch import nn
 
 from d3sr_core.backbones import BaseModel, load_base
 from d3sr_core.backbones.sd2 import predict_unet
 from d3sr_core.backbones.base import detect_family_from_unet_config
-from d3sr_core.checkpoints import OneStepCheckpoint, generator_on_base
+from d3sr_core.checkpoints import OneStepCheckpoint, generator_on_base, save_checkpoint
+from d3sr_core.files import atomic_output
+from d3sr_core.kohya import kohya_unet_lora
 from d3sr_core.generator import OneStepGenerator
 from d3sr_core.lora import AdapterSpec, add_adapters, unwrapped_name
 from d3sr_core.options import UpscaleOptions
@@ -41,24 +44,33 @@ class TrainingBase:
     configs: dict | None
     """``{unet, vae, scheduler}`` when the base was built from configs (exports then embed it), else ``None``."""
     original: dict[str, torch.Tensor]
-    """For a base built from configs, its weights before training as ``unet.<name>`` / ``vae.<name>`` (what the
-    export embeds); empty for a base loaded from a path, which exports name instead."""
+    """For an embedded base, its weights before training as ``unet.<name>`` / ``vae.<name>`` (what the export
+    embeds); empty for a base loaded from a path that exports name instead."""
 
 
 def build_training_base(model_config: dict) -> TrainingBase:
     """Load ``model.base`` (a path) or build ``model.base_configs`` with random weights (seed the global RNG first).
 
-    The text encoder is used once, for ``model.prompt``, and dropped; a base built from configs has none and its
-    generator sees zeros of the cross-attention width (the "empty prompt" of a model that never had text).
+    The text encoder is used once, for ``model.prompt``, and dropped. A base without one (built from configs, or
+    a folder without ``text_encoder/``) gets one zero token of the cross-attention width: the "empty prompt" of a
+    model that never had text (attention over identical zero tokens gives the same result whatever their count).
+    ``model.embed_base`` makes exports self-contained for a base loaded from a path too.
     """
     path, configs = model_config.get("base"), model_config.get("base_configs")
     if (path is None) == (configs is None):
         raise ValueError("give exactly one of model.base (a base model path) and model.base_configs (configs to build one).")
     if path is not None:
         base = load_base(path)
-        conditioning = {k: v.clone() for k, v in base.encode_prompt(model_config.get("prompt") or "").items()}
-        base.prompt_encoder = None
-        base._prompt_cache.clear()
+        if base.prompt_encoder is not None:
+            conditioning = {k: v.clone() for k, v in base.encode_prompt(model_config.get("prompt") or "").items()}
+            base.prompt_encoder = None
+            base._prompt_cache.clear()
+        else:
+            conditioning = _no_text(base.denoiser)
+        if model_config.get("embed_base"):
+            configs = {
+                "unet": dict(base.denoiser.config), "vae": dict(base.vae.config), "scheduler": dict(base.scheduler_config)
+            }
     else:
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
@@ -70,14 +82,27 @@ def build_training_base(model_config: dict) -> TrainingBase:
             scheduler_config=dict(configs["scheduler"]),
             source=Path("model.base_configs"),
         )
-        conditioning = {"prompt_embeds": torch.zeros(1, 77, unet.config.cross_attention_dim)}
+        conditioning = _no_text(unet)
     if base.family != "sd2":
         raise ValueError(f"training needs an SD 2.x-shaped base; {base.source} is {base.family}.")
     original = {}
     if configs is not None:
         original = {f"unet.{k}": v.detach().clone() for k, v in base.denoiser.state_dict().items()}
         original.update({f"vae.{k}": v.detach().clone() for k, v in base.vae.state_dict().items()})
-    return TrainingBase(base, conditioning, copy.deepcopy(configs), original)
+    return TrainingBase(base, conditioning, copy.deepcopy(_json_safe(configs)), original)
+
+
+def _no_text(unet: nn.Module) -> dict[str, torch.Tensor]:
+    return {"prompt_embeds": torch.zeros(1, 1, unet.config.cross_attention_dim)}
+
+
+def _json_safe(value):
+    """A diffusers config as plain JSON types (tuples to lists, private ``_`` keys dropped)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def lora_targets(model: nn.Module, suffixes: tuple[str, ...], prefix: str = "") -> tuple[str, ...]:
@@ -168,3 +193,16 @@ class TrainableGenerator(nn.Module):
             base_tensors=dict(training_base.original),
             training_config=training_config,
         )
+
+    def write_exports(self, folder: Path, method: str, trained: dict[str, torch.Tensor], training_config: dict) -> Path:
+        """``folder/model.safetensors`` (ours) and, when the UNet carries LoRA, ``folder/model_kohya_unet_lora.safetensors``
+        (for ComfyUI's and A1111's own LoRA loaders), both written atomically."""
+        checkpoint = self.to_checkpoint(method, trained, training_config, int(training_config["data"]["scale"]))
+        path = save_checkpoint(checkpoint, folder / "model.safetensors")
+        unet_adapters = [a for a in checkpoint.adapters if a.component == "unet"]
+        if unet_adapters:
+            unet = {k[len("unet."):]: v for k, v in checkpoint.tensors.items() if k.startswith("unet.")}
+            kohya = kohya_unet_lora(unet, unet_adapters, self.base_conv_in)
+            with atomic_output(folder / "model_kohya_unet_lora.safetensors") as tmp:
+                save_file(kohya, str(tmp), metadata={"ss_network_module": "networks.lora", "d3sr_method": method})
+        return path

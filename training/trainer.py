@@ -32,9 +32,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from d3sr_core.checkpoints import save_checkpoint
 from d3sr_core.files import atomic_output
-from d3sr_core.kohya import kohya_unet_lora
 
 from .data import SRPairDataset, StreamPosition, build_dataloader
 from .degradation import DegradationConfig
@@ -145,13 +143,15 @@ class Trainer:
         self._prepare()
         self.ema = None
         if float(train["ema_decay"]) > 0:
-            self.ema = EMA(self.method.generator_parameters(), float(train["ema_decay"]))
+            self.ema = EMA(self.method.exported_parameters(), float(train["ema_decay"]))
         accelerator.register_save_state_pre_hook(self._save_models_hook)
         accelerator.register_load_state_pre_hook(self._load_models_hook)
         self.start_step = 0
         if resume and existing:
             self.start_step = self._resume(existing[-1][1])
         self._stop_requested = False
+        self.model_path: Path | None = None
+        """Where :meth:`train` wrote the finished model (main process)."""
 
     def _prepare(self) -> None:
         accelerator, train = self.accelerator, self.config["train"]
@@ -221,7 +221,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial))
         if accelerator.is_main_process:
-            save_checkpoint(self.export(), partial / "model.safetensors")
+            self.write_model(partial)
             with open(partial / "config.yaml", "w", encoding="utf-8") as f:
                 yaml.safe_dump(self.config, f, sort_keys=False)
             with open(partial / STATE_FILE, "w", encoding="utf-8") as f:
@@ -234,22 +234,9 @@ class Trainer:
         accelerator.wait_for_everyone()
         return final
 
-    def export(self):
-        """The generator in our format (EMA weights when the run keeps an EMA)."""
-        return self.method.export(self.config, self.ema.shadow if self.ema is not None else None)
-
-    def write_exports(self) -> Path:
-        """``model.safetensors`` and, when the UNet carries LoRA, ``model_kohya_unet_lora.safetensors``."""
-        checkpoint = self.export()
-        path = save_checkpoint(checkpoint, self.output_dir / "model.safetensors")
-        unet = {k[len("unet."):]: v for k, v in checkpoint.tensors.items() if k.startswith("unet.")}
-        unet_adapters = [a for a in checkpoint.adapters if a.component == "unet"]
-        if unet_adapters:
-            base_conv_in = getattr(self.method.generator, "base_conv_in", {})
-            kohya = kohya_unet_lora(unet, unet_adapters, base_conv_in)
-            with atomic_output(self.output_dir / "model_kohya_unet_lora.safetensors") as tmp:
-                save_file(kohya, str(tmp), metadata={"ss_network_module": "networks.lora", "d3sr_method": checkpoint.method})
-        return path
+    def write_model(self, folder: Path) -> Path:
+        """The method's model in ``folder`` (EMA weights when the run keeps an EMA)."""
+        return self.method.write_model(folder, self.config, self.ema.shadow if self.ema is not None else None)
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
@@ -271,6 +258,7 @@ class Trainer:
             flip=bool(data["flip"]),
             lr_dir=data["lr_dir"],
             degradation=DegradationConfig.from_dict({"scale": int(data["scale"]), **data["degradation"]}),
+            make_lq=self.method.needs_lq,
         )
         accumulation = int(train["gradient_accumulation_steps"])
         position = StreamPosition(
@@ -305,7 +293,7 @@ class Trainer:
                         sums[key] = sums.get(key, 0.0) + value / accumulation
                 step += 1
                 if self.ema is not None:
-                    self.ema.update(self.method.generator_parameters())
+                    self.ema.update(self.method.exported_parameters())
                 if any(not math.isfinite(v) for v in sums.values()):
                     raise TrainingError(f"a loss became NaN or infinite at step {step} ({sums}); lower the learning rates or check the data.")
                 bar.update(1)
@@ -324,7 +312,7 @@ class Trainer:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
         if status == "finished" and accelerator.is_main_process:
-            self.write_exports()
+            self.model_path = self.write_model(self.output_dir)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return status

@@ -1,8 +1,10 @@
-"""Training methods by ``--method`` name."""
+"""Training methods by ``--method`` name: the one-step SR methods and the stages that make a base of our own."""
 
+from .autoencoder import AutoencoderMethod
 from .base import OptimizerSpec, Prepared, TrainingMethod
 from .d3sr import D3SRMethod
+from .diffusion import DiffusionMethod
 
-METHODS: dict[str, type[TrainingMethod]] = {D3SRMethod.name: D3SRMethod}
+METHODS: dict[str, type[TrainingMethod]] = {m.name: m for m in (D3SRMethod, AutoencoderMethod, DiffusionMethod)}
 
 __all__ = ["METHODS", "OptimizerSpec", "Prepared", "TrainingMethod"]

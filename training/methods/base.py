@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-
-from d3sr_core.checkpoints import OneStepCheckpoint
 
 
 @dataclass
@@ -38,12 +37,13 @@ class Prepared:
 class TrainingMethod(ABC):
     """A method plug-in (``training/methods/<name>.py``).
 
-    Class attributes: ``name`` (the ``--method`` value and the config section holding its options) and
-    ``defaults`` (that section's default values).
+    Class attributes: ``name`` (the ``--method`` value and the config section holding its options),
+    ``defaults`` (that section's default values) and ``needs_lq`` (whether batches carry low-quality inputs).
     """
 
     name: str
     defaults: dict
+    needs_lq: bool = True
 
     @abstractmethod
     def models(self) -> dict[str, torch.nn.Module]:
@@ -79,13 +79,13 @@ class TrainingMethod(ABC):
                 param.copy_(state[key].to(param.dtype))
 
     @abstractmethod
-    def generator_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """The generator's trained parameters by name (what the EMA averages and the export stores)."""
+    def exported_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trained parameters of the model the run produces, by name (what the EMA averages)."""
 
     @abstractmethod
-    def export(self, training_config: dict, trained: dict[str, torch.Tensor] | None = None) -> OneStepCheckpoint:
-        """The trained generator in our checkpoint format, with ``trained`` (e.g. EMA averages, named as in
-        :meth:`generator_parameters`) in place of the current weights when given."""
+    def write_model(self, folder: Path, training_config: dict, trained: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the model the run produces into ``folder`` (atomically) and return its path; ``trained`` (e.g. EMA
+        averages, named as in :meth:`exported_parameters`) replaces the current weights when given."""
 
     def bind(self, prepared: Prepared, accelerator, max_grad_norm: float | None) -> None:
         """Receive the prepared models and optimizers before the first step."""

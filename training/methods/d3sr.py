@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from d3sr_core.backbones import load_base
-from d3sr_core.checkpoints import OneStepCheckpoint
 from d3sr_core.discriminators import DiffusionDiscriminator, sample_timesteps
 from d3sr_core.losses import diffuse, ea_dists, gan_discriminator_loss, gan_generator_loss
 from d3sr_core.lora import adapters_disabled
@@ -177,7 +176,7 @@ class D3SRMethod(TrainingMethod):
             "loss_d": loss_d.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item(),
         }
 
-    def generator_parameters(self):
+    def exported_parameters(self):
         return self.generator.trained_parameters()
 
     def named_trained_parameters(self):
@@ -186,6 +185,6 @@ class D3SRMethod(TrainingMethod):
         params.update({f"discriminator.{n}": p for n, p in self.discriminator.named_parameters() if id(p) in trainable})
         return params
 
-    def export(self, training_config, trained=None) -> OneStepCheckpoint:
+    def write_model(self, folder, training_config, trained=None):
         trained = trained if trained is not None else self.generator.trained_parameters()
-        return self.generator.to_checkpoint(self.name, trained, training_config, int(training_config["data"]["scale"]))
+        return self.generator.write_exports(folder, self.name, trained, training_config)
