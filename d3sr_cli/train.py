@@ -12,7 +12,7 @@ def add_train(sub) -> None:
         description="Train with a method, a config (defaults < --preset < --config < --set) and a folder of HR images. "
         "Several processes: accelerate launch [--num_processes N] -m d3sr_cli.main train ...",
     )
-    p.add_argument("--method", default="d3sr", help="training method (default: d3sr)")
+    p.add_argument("--method", help="training method: d3sr (default), autoencoder, diffusion; default: the config's own")
     p.add_argument("--preset", help="a shipped config, e.g. tiny (a tiny random model that trains on a CPU in minutes)")
     p.add_argument("--config", help="YAML config merged over the defaults and the preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. train.batch_size=8")
@@ -25,21 +25,22 @@ def add_train(sub) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     try:
-        from training.config import load_config
+        from training.config import load_config, method_named_in
         from training.methods import METHODS
         from training.trainer import Trainer
     except ImportError as err:
         raise ValueError(f"training needs the [train] extra ({err.name} is missing): pip install 'd3sr[train]'.") from None
 
-    if args.method not in METHODS:
-        raise ValueError(f"--method {args.method!r} is not one of {sorted(METHODS)}.")
-    overrides = [f"method={args.method}", *args.set]
+    method = args.method or method_named_in(preset=args.preset, file=args.config) or "d3sr"
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {sorted(METHODS)}.")
+    overrides = [f"method={method}", *args.set]
     if args.data is not None:
         overrides.append(f"data.hr_dir={args.data}")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     config = load_config(
-        preset=args.preset, file=args.config, overrides=overrides, method_defaults=METHODS[args.method].defaults
+        preset=args.preset, file=args.config, overrides=overrides, method_defaults=METHODS[method].defaults
     )
     trainer = Trainer(config, args.output_dir, resume=args.resume)
     status = trainer.train()

@@ -12,6 +12,9 @@ from .files import ModelFileError
 from .generator import OneStepGenerator
 from .options import UpscaleOptions
 
+DEFAULT_MODEL = Path(__file__).parent / "weights" / "d3sr-small-x4.safetensors"
+"""The bundled default model: small, self-contained, trained by ``python -m training.default_model``."""
+
 
 @dataclass
 class LoadedModel:

@@ -35,6 +35,7 @@ DEFAULTS: dict = {
         "scale": 4,
         "flip": True,
         "num_workers": 2,
+        "cache_images": False,  # keep decoded images in memory (small datasets of large photos)
         "degradation": {},  # overrides of training.degradation.DegradationConfig (OSEDiff's Real-ESRGAN set)
     },
     "train": {
@@ -113,6 +114,20 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def method_named_in(*, preset: str | None = None, file: str | os.PathLike | None = None) -> str | None:
+    """The ``method`` the config file (or else the preset) names, if any."""
+    for layer in ([read_yaml(file)] if file is not None else []) + ([read_yaml(_preset_path(preset))] if preset else []):
+        if layer.get("method") is not None:
+            return str(layer["method"])
+    return None
+
+
+def _preset_path(preset: str) -> Path:
+    if preset not in preset_names():
+        raise ConfigError(f"preset {preset!r} does not exist; available: {', '.join(preset_names())}.")
+    return PRESET_DIR / f"{preset}.yaml"
+
+
 def load_config(
     *, preset: str | None = None, file: str | os.PathLike | None = None, overrides: list[str] = (), method_defaults: dict
 ) -> dict:
@@ -122,9 +137,7 @@ def load_config(
         config[name] = copy.deepcopy(section)
     layers = []
     if preset is not None:
-        if preset not in preset_names():
-            raise ConfigError(f"preset {preset!r} does not exist; available: {', '.join(preset_names())}.")
-        layers.append(read_yaml(PRESET_DIR / f"{preset}.yaml"))
+        layers.append(read_yaml(_preset_path(preset)))
     if file is not None:
         layers.append(read_yaml(file))
     layers += [parse_override(text) for text in overrides]

@@ -90,6 +90,7 @@ class SRPairDataset(Dataset):
 
     With only ``hr_dir``, LQ images are made from random HR crops by the Real-ESRGAN degradation. With ``lr_dir``
     too, the LQ image of the same name is cropped at the matching place (it must be exactly 1/scale the size).
+    ``cache_images`` keeps decoded images in memory (each worker its own copy): for small datasets.
     With ``make_lq=False`` only ``"gt"`` is returned (methods that train on HR images alone).
     Indexed by sample ids from :class:`StreamSampler`.
     """
@@ -105,6 +106,7 @@ class SRPairDataset(Dataset):
         lr_dir: str | os.PathLike | None = None,
         degradation: DegradationConfig | None = None,
         make_lq: bool = True,
+        cache_images: bool = False,
     ):
         hr_dir = Path(hr_dir)
         if not hr_dir.is_dir():
@@ -122,9 +124,20 @@ class SRPairDataset(Dataset):
                 raise ValueError(f"data.lr_dir {lr_dir} has no image named like {missing[0]} (pairs match by file name).")
             self.lr_files = [by_stem[f.stem] for f in self.hr_files]
         self.crop_size, self.scale, self.seed, self.flip, self.make_lq = crop_size, scale, seed, flip, make_lq
+        self.cache_images = cache_images
+        self._decoded: dict[Path, torch.Tensor] = {}
         self.degradation = degradation or DegradationConfig(scale=scale)
         if self.degradation.scale != scale:
             raise ValueError(f"data.degradation.scale {self.degradation.scale} differs from data.scale {scale}.")
+
+    def _image(self, path: Path) -> torch.Tensor:
+        """The decoded image; with ``cache_images`` kept in memory (as 8-bit), since decoding a large photo can
+        take longer than a small model's training step."""
+        if not self.cache_images:
+            return _open_rgb(path)
+        if path not in self._decoded:
+            self._decoded[path] = (_open_rgb(path) * 255).round().to(torch.uint8)
+        return self._decoded[path].float() / 255
 
     def __len__(self) -> int:
         return len(self.hr_files)
@@ -133,8 +146,8 @@ class SRPairDataset(Dataset):
         index = sample_id % len(self.hr_files)
         rng = torch.Generator().manual_seed(sample_seed(self.seed, sample_id))
         try:
-            hr = _open_rgb(self.hr_files[index])
-            lr = _open_rgb(self.lr_files[index]) if self.lr_files is not None and self.make_lq else None
+            hr = self._image(self.hr_files[index])
+            lr = self._image(self.lr_files[index]) if self.lr_files is not None and self.make_lq else None
         except ImageFileError as err:
             raise ValueError(f"training image cannot be read: {err}") from None
         crop, s = self.crop_size, self.scale

@@ -259,6 +259,7 @@ class Trainer:
             lr_dir=data["lr_dir"],
             degradation=DegradationConfig.from_dict({"scale": int(data["scale"]), **data["degradation"]}),
             make_lq=self.method.needs_lq,
+            cache_images=bool(data["cache_images"]),
         )
         accumulation = int(train["gradient_accumulation_steps"])
         position = StreamPosition(
