@@ -28,7 +28,8 @@ def _add_upscale(sub) -> None:
     )
     p.add_argument("inputs", nargs="+", help=f"image files or folders ({', '.join(IMAGE_SUFFIXES)})")
     p.add_argument("-o", "--output-dir", required=True, help="folder for the PNG results (<input name>.png)")
-    p.add_argument("--model", help="one-step checkpoint: ours (.safetensors), OSEDiff (.pkl) or a TSD-SR folder")
+    p.add_argument("--model", help="one-step checkpoint: ours (.safetensors), OSEDiff (.pkl) or a TSD-SR folder "
+                   "(default: the bundled d3sr-small-x4)")
     p.add_argument("--embeddings", help="folder with TSD-SR's prompt_embeds.pt and pool_embeds.pt (default: --model)")
     p.add_argument("--base", help="base model: SD 2.x or SD3 diffusers folder, or single-file SD 2.x .safetensors/.ckpt")
     p.add_argument("--base-config", help="config folder for a single-file base that is not SD 2.1-base")
@@ -188,7 +189,11 @@ def run_upscale(args: argparse.Namespace) -> int:
     if clobbered:
         raise CommandError(f"the result for {clobbered[0]} would overwrite it; choose another --output-dir.")
     if not args.model:
-        raise CommandError("--model is required: no default model is bundled yet.")
+        from d3sr_core.loading import DEFAULT_MODEL
+
+        if not DEFAULT_MODEL.is_file():
+            raise CommandError(f"no --model given and the bundled default model is missing ({DEFAULT_MODEL}).")
+        args.model = DEFAULT_MODEL
     device = _device(args.device)
     loaded = load_model(
         args.model,

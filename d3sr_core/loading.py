@@ -16,6 +16,11 @@ DEFAULT_MODEL = Path(__file__).parent / "weights" / "d3sr-small-x4.safetensors"
 """The bundled default model: small, self-contained, trained by ``python -m training.default_model``."""
 
 
+def bundled_models() -> dict[str, Path]:
+    """Name -> path of the models shipped inside the package (what hosts list before their own folders)."""
+    return {DEFAULT_MODEL.stem: DEFAULT_MODEL} if DEFAULT_MODEL.is_file() else {}
+
+
 @dataclass
 class LoadedModel:
     """A built generator and the defaults of the method that trained it."""

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from d3sr_core.backbones import load_base
 from d3sr_core.backbones.sd2 import sd2_base_from_ldm_state_dict
-from d3sr_core.checkpoints import build_generator, load_checkpoint
+from d3sr_core.checkpoints import build_generator, embedded_base, load_checkpoint
 from d3sr_core.generator import OneStepGenerator
 from d3sr_core.options import DTYPES, UpscaleOptions
 
@@ -47,13 +47,15 @@ class ModelLoader(io.ComfyNode):
                 io.Combo.Input(
                     "model_name",
                     options=list_models(),
-                    tooltip="One-step SR weights from models/d3sr: a d3sr .safetensors, an OSEDiff .pkl, or a TSD-SR folder.",
+                    tooltip="One-step SR weights: the bundled default model, or from models/d3sr a d3sr .safetensors, an "
+                    "OSEDiff .pkl, or a TSD-SR folder.",
                 ),
                 io.Combo.Input(
                     "base_name",
                     options=[FROM_GRAPH, *list_bases()],
                     tooltip="The base the weights were trained on: SD 2.1-base for OSEDiff, SD3-medium (diffusers folder) "
-                    "for TSD-SR. Pick the first entry to reuse the MODEL and VAE of a checkpoint loader (SD 2.x only).",
+                    "for TSD-SR. Pick the first entry to reuse the MODEL and VAE of a checkpoint loader (SD 2.x only). "
+                    "Not used by self-contained models such as the bundled one.",
                 ),
                 io.Combo.Input(
                     "precision",
@@ -70,7 +72,9 @@ class ModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_name, base_name, precision, model=None, vae=None) -> io.NodeOutput:
         checkpoint = load_checkpoint(model_path(model_name))
-        if base_name == FROM_GRAPH:
+        if checkpoint.base_configs is not None:  # self-contained: no other base fits it
+            base = embedded_base(checkpoint)
+        elif base_name == FROM_GRAPH:
             if model is None or vae is None:
                 raise ValueError("base_name asks for the graph's MODEL and VAE, but they are not both connected.")
             base = sd2_base_from_ldm_state_dict(graph_state_dict(model, vae), "the connected MODEL and VAE")

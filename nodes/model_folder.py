@@ -4,9 +4,13 @@ import os
 
 import folder_paths
 
+from d3sr_core.loading import bundled_models
+
 FOLDER = "d3sr"
 MODEL_SUFFIXES = {".safetensors", ".pkl", ".pt", ".pth"}
 TSDSR_FILES = ("transformer.safetensors", "vae.safetensors")
+BUNDLED = "bundled/"
+"""Prefix of the models shipped inside the package, listed first (the first is the loader's default)."""
 
 
 def register_model_folder() -> None:
@@ -16,14 +20,21 @@ def register_model_folder() -> None:
 
 
 def list_models() -> list[str]:
-    """Model files, with a TSD-SR folder (``name/transformer.safetensors`` + ``name/vae.safetensors``) as ``name/``."""
+    """The bundled models (``bundled/<file>``), then the model files, with a TSD-SR folder
+    (``name/transformer.safetensors`` + ``name/vae.safetensors``) as ``name/``."""
     names = [n.replace(os.sep, "/") for n in folder_paths.get_filename_list(FOLDER)]  # Windows lists with "\\"
     folders = {n.rsplit("/", 1)[0] for n in names if "/" in n and n.rsplit("/", 1)[1] == TSDSR_FILES[0]}
     singles = [n for n in names if not (n.rsplit("/", 1)[0] in folders and "/" in n)]
-    return sorted(singles + [f + "/" for f in folders])
+    bundled = [BUNDLED + path.name for path in bundled_models().values()]
+    return bundled + sorted(singles + [f + "/" for f in folders])
 
 
 def model_path(name: str) -> str:
+    if name.startswith(BUNDLED):
+        found = {path.name: path for path in bundled_models().values()}
+        if name[len(BUNDLED):] not in found:
+            raise FileNotFoundError(f"the bundled model {name!r} is not installed with this d3sr.")
+        return str(found[name[len(BUNDLED):]])
     if name.endswith("/"):
         return os.path.dirname(folder_paths.get_full_path_or_raise(FOLDER, os.path.join(name[:-1], TSDSR_FILES[0])))
     return folder_paths.get_full_path_or_raise(FOLDER, name)

@@ -20,10 +20,10 @@ from modules.call_queue import queue_lock
 from modules.ui_components import InputAccordion
 from modules.upscaler import Upscaler, UpscalerData
 
-from d3sr_core.checkpoints import peek
+from d3sr_core.checkpoints import embeds_base, peek
 from d3sr_core.color import COLOR_FIXES
 from d3sr_core.image_io import from_pil, to_pil
-from d3sr_core.loading import ModelCache
+from d3sr_core.loading import ModelCache, bundled_models
 from d3sr_core.pipeline import Upscaler as OneStepUpscaler
 
 MODEL_SUFFIXES = (".safetensors", ".pkl", ".pt", ".pth")
@@ -41,11 +41,11 @@ def model_dir() -> str:
 
 
 def list_models() -> dict[str, str]:
-    """Display name -> path of the model files (and TSD-SR folders) in the models folder."""
+    """Display name -> path: the bundled models first, then the model files (and TSD-SR folders) in the models folder."""
+    found = {name: str(path) for name, path in bundled_models().items()}
     root = model_dir()
     if not os.path.isdir(root):
-        return {}
-    found = {}
+        return found
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
         if name.endswith(MODEL_SUFFIXES) or os.path.isfile(os.path.join(path, "transformer.safetensors")):
@@ -66,7 +66,10 @@ def list_bases() -> dict[str, str]:
     return found
 
 
-def base_for(model_path: str, choice: str = FROM_SETTINGS) -> str:
+def base_for(model_path: str, choice: str = FROM_SETTINGS) -> str | None:
+    """The base model path for ``model_path``: none for a self-contained model, else the user's choice or setting."""
+    if embeds_base(model_path):
+        return None
     if choice != FROM_SETTINGS:
         bases = list_bases()
         if choice not in bases:

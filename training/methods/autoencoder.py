@@ -19,6 +19,7 @@ from ..data import SRPairDataset
 from ..generator import build_training_base
 from .base import OptimizerSpec, TrainingMethod
 
+INITIAL_LOG_VARIANCE = -8.0
 LATENT_STD_IMAGES = 16
 """Training crops (the first of the seeded stream) that measure the latent standard deviation."""
 
@@ -50,7 +51,13 @@ class AutoencoderMethod(TrainingMethod):
         training_base = build_training_base(config["model"])
         self.unet = training_base.base.denoiser
         self.scheduler_config = training_base.base.scheduler_config
-        self.model = AutoencoderTrainingModel(training_base.base.vae.train().requires_grad_(True))
+        vae = training_base.base.vae
+        # A fresh posterior has std ~ 1, which buries the mean in noise; the reconstruction then learns slowly.
+        # Start the log-variance low (std ~ 0.02) and let the KL term move it.
+        quant = vae.quant_conv if getattr(vae, "quant_conv", None) is not None else vae.encoder.conv_out
+        with torch.no_grad():
+            quant.bias[vae.config.latent_channels:] = INITIAL_LOG_VARIANCE
+        self.model = AutoencoderTrainingModel(vae.train().requires_grad_(True))
 
     def models(self):
         return {"vae": self.model}
