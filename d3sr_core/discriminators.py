@@ -1,5 +1,9 @@
 """Discriminators that judge latents through a pretrained diffusion model.
 
+TAD-SR (reference/methods.md 3.2): a *time-aware* discriminator reads the frozen teacher UNet's encoder features
+of noised latents at several depths, modulates each with the timestep (FiLM), and scores every position with
+a spectral-norm head; hinge loss.
+
 D3SR (reference/methods.md section 4; DFOSD figure): the down blocks and the mid block of a pretrained diffusion
 UNet, tuned with LoRA, followed by a randomly initialised MLP that gives one real/fake logit per latent patch.
 It sees *noised* latents ``F(z, t)`` of real and generated images at timesteps ``t`` drawn per sample, so it
@@ -8,8 +12,12 @@ judges the sample at every noise level the diffusion prior knows.
 
 from __future__ import annotations
 
+import math
+
 import torch
+from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
+from torch.nn.utils import spectral_norm
 
 from .lora import AdapterSpec, add_adapters
 
@@ -45,6 +53,30 @@ def sample_timesteps(
         u = torch.sigmoid(torch.randn(batch, generator=generator))
         t = (t_min + u * (t_max - t_min)).round().long()
     return t.to(device)
+
+
+def unet_encoder_features(
+    unet: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor
+) -> list[torch.Tensor]:
+    """The outputs of every down block and of the mid block of a ``UNet2DConditionModel`` (or of any module with
+    its ``conv_in``, ``time_proj``, ``time_embedding``, ``down_blocks`` and ``mid_block``) for noised ``latents``
+    ``(B, C, h, w)`` at ``timesteps`` ``(B,)``; the up blocks are never run."""
+    dtype = unet.conv_in.weight.dtype
+    temb = unet.time_embedding(unet.time_proj(timesteps).to(dtype))
+    hidden = unet.conv_in(latents.to(dtype))
+    context = encoder_hidden_states.to(dtype)
+    features = []
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            hidden, _ = block(hidden_states=hidden, temb=temb, encoder_hidden_states=context)
+        else:
+            hidden, _ = block(hidden_states=hidden, temb=temb)
+        features.append(hidden)
+    if getattr(unet.mid_block, "has_cross_attention", False):
+        features.append(unet.mid_block(hidden, temb, encoder_hidden_states=context))
+    else:
+        features.append(unet.mid_block(hidden, temb))
+    return features
 
 
 def discriminator_lora_targets(unet: nn.Module) -> tuple[str, ...]:
@@ -127,19 +159,61 @@ class DiffusionDiscriminator(nn.Module):
 
     def features(self, latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """Mid-block features ``(B, C_mid, h / 2^k, w / 2^k)`` of noised ``latents`` ``(B, C, h, w)`` at ``timesteps`` ``(B,)``."""
-        dtype = self.conv_in.weight.dtype
-        temb = self.time_embedding(self.time_proj(timesteps).to(dtype))
-        hidden = self.conv_in(latents.to(dtype))
-        context = encoder_hidden_states.to(dtype)
-        for block in self.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                hidden, _ = block(hidden_states=hidden, temb=temb, encoder_hidden_states=context)
-            else:
-                hidden, _ = block(hidden_states=hidden, temb=temb)
-        if getattr(self.mid_block, "has_cross_attention", False):
-            return self.mid_block(hidden, temb, encoder_hidden_states=context)
-        return self.mid_block(hidden, temb)
+        return unet_encoder_features(self, latents, timesteps, encoder_hidden_states)[-1]
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """Patch logits ``(B, 1, h / 2^k, w / 2^k)`` (real > 0) for noised latents at ``timesteps``."""
         return self.head(self.features(latents, timesteps, encoder_hidden_states).float())
+
+
+def _groups(channels: int, most: int = 32) -> int:
+    return math.gcd(channels, most)
+
+
+class TimeAwareHead(nn.Module):
+    """One feature level of TAD-SR's discriminator: GroupNorm, FiLM from the timestep embedding
+    (``h * (1 + scale) + shift``), SiLU, a zero-initialised 3x3 convolution to ``c_dim``, then per position a
+    spectral-norm 1x1 block and a residual spectral-norm kernel-9 block (LeakyReLU 0.2) and a logit."""
+
+    def __init__(self, channels: int, embed_dim: int, c_dim: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.film = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, 2 * channels))
+        self.proj = nn.Conv2d(channels, c_dim, 3, padding=1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.block = nn.Sequential(spectral_norm(nn.Conv1d(c_dim, c_dim, 1)), nn.LeakyReLU(0.2))
+        self.residual = nn.Sequential(
+            spectral_norm(nn.Conv1d(c_dim, c_dim, 9, padding=4)), nn.GroupNorm(_groups(c_dim, 4), c_dim), nn.LeakyReLU(0.2)
+        )
+        self.logit = spectral_norm(nn.Conv1d(c_dim, 1, 1))
+
+    def forward(self, features: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.film(temb).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+        h = torch.nn.functional.silu(self.norm(features) * (1 + scale) + shift)
+        tokens = self.proj(h).flatten(2)  # (B, c_dim, h * w)
+        tokens = self.block(tokens)
+        return self.logit(tokens + self.residual(tokens)).flatten(1)  # (B, h * w)
+
+
+class TimeAwareDiscriminator(nn.Module):
+    """TAD-SR's discriminator over a frozen teacher's encoder features (``unet_encoder_features``).
+
+    Args:
+        feature_channels: channels of each feature level it reads (e.g. every down block's and the mid block's).
+        embed_dim: width of the sinusoidal timestep embedding (160 in the official ResShift model).
+        c_dim: width of the heads (64 officially).
+
+    ``forward(features, timesteps)`` returns the logits of every position of every level, ``(B, N)``.
+    """
+
+    def __init__(self, feature_channels: list[int], embed_dim: int = 160, c_dim: int = 64):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.heads = nn.ModuleList(TimeAwareHead(c, embed_dim, c_dim) for c in feature_channels)
+
+    def forward(self, features: list[torch.Tensor], timesteps: torch.Tensor) -> torch.Tensor:
+        if len(features) != len(self.heads):
+            raise ValueError(f"the discriminator reads {len(self.heads)} feature levels, got {len(features)}.")
+        temb = get_timestep_embedding(timesteps, self.embed_dim).to(features[0].device)
+        return torch.cat([head(f.float(), temb) for head, f in zip(self.heads, features)], dim=1)

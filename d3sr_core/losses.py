@@ -8,6 +8,14 @@ D3SR (reference/methods.md section 4):
   ``L_D = -E log D(F(z, t)) - E log(1 - D(F(z_hat, t)))``, ``L_G = -E log D(F(z_hat, t))``) with ``D`` a logit,
   so ``log D = -softplus(-logit)`` and ``log(1 - D) = -softplus(logit)``; or hinge (Lim & Ye 2017);
 * EA-DISTS ``= DISTS(x_hat, x) + DISTS(S(x_hat), S(x))`` with ``S`` the Sobel gradient magnitude.
+
+Distillation (a frozen teacher diffusion model gives the generator a gradient in latent space):
+
+* OSEDiff's variational score distillation (VSD), x0-space and normalised;
+* TAD-SR's high-frequency score distillation (HSD);
+* TSD-SR's target score distillation (TSD) with the distribution-aware sampling module (DASM).
+
+Score-distillation gradients become losses as ``MSE(z_hat, stopgrad(z_hat - grad))`` (:func:`gradient_as_loss`).
 """
 
 from __future__ import annotations
@@ -100,3 +108,89 @@ def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
     if kind == "hinge":
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """``uncond + scale * (cond - uncond)`` (Ho & Salimans 2022, eq. 6); works on epsilon or velocity predictions."""
+    return uncond + scale * (cond - uncond)
+
+
+def variational_score_distillation(z_hat: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor) -> torch.Tensor:
+    """OSEDiff's VSD loss (``distribution_matching_loss``, reference/methods.md 1.3), in x0 space.
+
+    ``z_hat``: the generator's latents ``(B, C, h, w)`` (with gradient); ``x0_fake``, ``x0_teacher``: the clean
+    latents the fake-score model and the (guided) teacher recover from the same noised ``z_hat``. The gradient is
+    ``(x0_fake - x0_teacher) / w`` with ``w = mean |z_hat - x0_teacher|`` per sample, and the loss
+    ``MSE(z_hat, stopgrad(z_hat - grad))``, whose gradient with respect to ``z_hat`` is ``2 * grad / numel``.
+    The sign (fake minus teacher) is the official code's.
+    """
+    w = (z_hat.detach() - x0_teacher).abs().mean(dim=tuple(range(1, z_hat.dim())), keepdim=True)
+    return gradient_as_loss(z_hat, torch.nan_to_num((x0_fake - x0_teacher) / w), weight=1.0)
+
+
+def high_frequency_score_distillation(
+    z_hat: torch.Tensor, eps_at_student: torch.Tensor, eps_at_target: torch.Tensor
+) -> torch.Tensor:
+    """TAD-SR's HSD loss (reference/methods.md 3.2): ``mean(stopgrad(eps(z_t^s) - eps(z_t^*)) * z_hat)``.
+
+    ``eps_at_student`` and ``eps_at_target`` are the frozen teacher's predictions on the student latent and on the
+    target latent (the teacher's multi-step output or the ground truth), both noised with the *same* noise at
+    the same small timestep: their difference is the score gap with the shared low frequencies cancelled.
+    """
+    return ((eps_at_student - eps_at_target).detach() * z_hat).mean()
+
+
+def dasm_sigmas(sigmas: torch.Tensor, start: int, steps: int, stride: int, bias: int = 0) -> torch.Tensor:
+    """The ``steps + 1`` noise levels of TSD-SR's distribution-aware sampling (reference/methods.md 2.3).
+
+    ``sigmas``: the scheduler's levels, highest noise first (index 0); ``start``: the drawn index. The indices are
+    ``linspace(start, min(start + stride * steps + bias, last), steps + 1)`` rounded down, so the trajectory runs
+    from ``sigmas[start]`` toward lower noise.
+    """
+    end = min(start + stride * steps + bias, len(sigmas) - 1)
+    indices = torch.linspace(start, end, steps + 1).long()
+    return sigmas[indices]
+
+
+def target_score_distillation(
+    z_hat_t: torch.Tensor,
+    z_t: torch.Tensor,
+    sigmas: torch.Tensor,
+    weights: list[float],
+    teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    fake: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    vsd_weight: float = 0.7,
+) -> torch.Tensor:
+    """TSD-SR's target score distillation gradient, with DASM when ``len(weights) > 1`` (reference/methods.md 2.3).
+
+    ``z_hat_t`` and ``z_t``: the generated and the HR latents noised with the same noise at ``sigmas[0]``;
+    ``teacher(z, sigma)`` and ``fake(z, sigma)``: (guided) velocity predictions. For each step ``k``::
+
+        grad_vsd += w_k sigma_k^2 (v_teacher(z_hat_t) - v_fake(z_hat_t))
+        grad_tsm += w_k sigma_k^2 (v_teacher(z_hat_t) - v_teacher(z_t))
+        z_hat_t  -= (sigma_k - sigma_{k+1}) v_fake(z_hat_t);  z_t -= (sigma_k - sigma_{k+1}) v_teacher(z_t)
+
+    and the result is ``vsd_weight * grad_vsd + (1 - vsd_weight) * grad_tsm`` (no gradient; NaNs zeroed). One
+    weight is plain TSD at ``sigmas[0]``.
+    """
+    if len(sigmas) != len(weights) + 1:
+        raise ValueError(f"{len(weights)} DASM weights need {len(weights) + 1} noise levels, got {len(sigmas)}.")
+    grad_vsd = torch.zeros_like(z_hat_t)
+    grad_tsm = torch.zeros_like(z_hat_t)
+    with torch.no_grad():
+        for k, w in enumerate(weights):
+            sigma, next_sigma = sigmas[k], sigmas[k + 1]
+            v_teacher_fake = teacher(z_hat_t, sigma)
+            v_fake_fake = fake(z_hat_t, sigma)
+            v_teacher_real = teacher(z_t, sigma)
+            grad_vsd += w * sigma**2 * (v_teacher_fake - v_fake_fake)
+            grad_tsm += w * sigma**2 * (v_teacher_fake - v_teacher_real)
+            z_hat_t = z_hat_t - (sigma - next_sigma) * v_fake_fake
+            z_t = z_t - (sigma - next_sigma) * v_teacher_real
+    return torch.nan_to_num(vsd_weight * grad_vsd + (1 - vsd_weight) * grad_tsm)
+
+
+def gradient_as_loss(z_hat: torch.Tensor, grad: torch.Tensor, weight: float = 0.5) -> torch.Tensor:
+    """``weight * MSE(z_hat, stopgrad(z_hat - grad))``: a scalar whose gradient with respect to ``z_hat`` is
+    ``2 * weight * grad / numel`` (how TSD-SR turns its gradient into a loss, with weight 0.5)."""
+    return weight * F.mse_loss(z_hat, (z_hat - grad).detach())
