@@ -40,7 +40,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     config = load_config(
-        preset=args.preset, file=args.config, overrides=overrides, method_defaults=METHODS[method].defaults
+        preset=args.preset, file=args.config, overrides=overrides, method_defaults=METHODS[method].defaults, other_sections=tuple(METHODS)
     )
     trainer = Trainer(config, args.output_dir, resume=args.resume)
     status = trainer.train()

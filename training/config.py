@@ -129,9 +129,18 @@ def _preset_path(preset: str) -> Path:
 
 
 def load_config(
-    *, preset: str | None = None, file: str | os.PathLike | None = None, overrides: list[str] = (), method_defaults: dict
+    *,
+    preset: str | None = None,
+    file: str | os.PathLike | None = None,
+    overrides: list[str] = (),
+    method_defaults: dict,
+    other_sections: tuple[str, ...] = (),
 ) -> dict:
-    """The run's config: ``DEFAULTS`` plus the method's section, then the preset, the file and the overrides."""
+    """The run's config: ``DEFAULTS`` plus the method's section, then the preset, the file and the overrides.
+
+    A preset or file may hold sections for several methods (``other_sections``, e.g. every method's name): those
+    of other methods are left out of this run's config.
+    """
     config = merge(DEFAULTS, {})
     for name, section in method_defaults.items():
         config[name] = copy.deepcopy(section)
@@ -142,5 +151,5 @@ def load_config(
         layers.append(read_yaml(file))
     layers += [parse_override(text) for text in overrides]
     for layer in layers:
-        config = merge(config, layer)
+        config = merge(config, {k: v for k, v in layer.items() if k in method_defaults or k not in other_sections})
     return config

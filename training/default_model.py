@@ -36,7 +36,7 @@ def reproduce(photos: Path, output_dir: Path, overrides: list[str] = ()) -> Path
         if not (out / result).exists():
             method = method_named_in(preset=preset)
             layers = [f"data.hr_dir={photos}", *([f"model.base={previous}"] if previous else []), *overrides]
-            config = load_config(preset=preset, overrides=layers, method_defaults=METHODS[method].defaults)
+            config = load_config(preset=preset, overrides=layers, method_defaults=METHODS[method].defaults, other_sections=tuple(METHODS))
             resume = out.is_dir() and bool(complete_checkpoints(out))
             Trainer(config, out, resume=resume).train()
         previous = out / result

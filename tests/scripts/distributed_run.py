@@ -17,6 +17,7 @@ config = load_config(
     preset="tiny",
     overrides=[f"data.hr_dir={hr_dir}", f"train.max_steps={steps}", "train.batch_size=1", "d3sr.discriminator.t_max=500"],
     method_defaults=METHODS["d3sr"].defaults,
+    other_sections=tuple(METHODS),
 )
 trainer = Trainer(config, output_dir)
 trainer.train()

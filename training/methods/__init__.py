@@ -4,7 +4,11 @@ from .autoencoder import AutoencoderMethod
 from .base import OptimizerSpec, Prepared, TrainingMethod
 from .d3sr import D3SRMethod
 from .diffusion import DiffusionMethod
+from .osediff import OSEDiffMethod
+from .tadsr import TADSRMethod
 
-METHODS: dict[str, type[TrainingMethod]] = {m.name: m for m in (D3SRMethod, AutoencoderMethod, DiffusionMethod)}
+METHODS: dict[str, type[TrainingMethod]] = {
+    m.name: m for m in (D3SRMethod, OSEDiffMethod, TADSRMethod, AutoencoderMethod, DiffusionMethod)
+}
 
 __all__ = ["METHODS", "OptimizerSpec", "Prepared", "TrainingMethod"]

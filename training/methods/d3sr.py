@@ -14,10 +14,7 @@ loss, lambda_EA-DISTS = 1, lambda_GAN = 0.1, AdamW lr 5e-5 for both (as reported
 
 from __future__ import annotations
 
-import copy
-
 import torch
-import torch.nn.functional as F
 
 from d3sr_core.backbones import load_base
 from d3sr_core.discriminators import DiffusionDiscriminator, sample_timesteps
@@ -25,24 +22,16 @@ from d3sr_core.losses import diffuse, ea_dists, gan_discriminator_loss, gan_gene
 from d3sr_core.lora import adapters_disabled
 from d3sr_core.perceptual import DISTS
 
-from ..generator import TrainableGenerator, build_training_base
-from .base import OptimizerSpec, TrainingMethod
-
-PERCEPTUAL_SOURCES = ("files", "random")
+from .base import OptimizerSpec
+from .one_step import GENERATOR_DEFAULTS, OneStepMethod
 
 
-class D3SRMethod(TrainingMethod):
+class D3SRMethod(OneStepMethod):
     name = "d3sr"
     defaults = {
         "d3sr": {
-            "generator": {
-                "lora_rank": 16,
-                "lora_alpha": None,  # None: alpha = rank (scale 1)
-                "vae_encoder_lora_rank": 0,  # the paper's figure keeps the encoder frozen
-                "train_conv_in": False,
-                "lr": 5e-5,
-                "weight_decay": 1e-2,
-            },
+            # The paper's figure keeps the VAE encoder frozen (vae_encoder_lora_rank 0).
+            "generator": dict(GENERATOR_DEFAULTS),
             "discriminator": {
                 "backbone": None,  # an SD 2.x base path; None: a copy of the generator's base
                 "lora_rank": 16,
@@ -70,47 +59,31 @@ class D3SRMethod(TrainingMethod):
     }
 
     def __init__(self, config: dict):
-        self.config = config
-        options = config["d3sr"]
-        gen_opts, disc_opts = options["generator"], options["discriminator"]
-        self.loss_opts = options["loss"]
-        self.disc_opts = disc_opts
-        if options["perceptual"] not in PERCEPTUAL_SOURCES:
-            raise ValueError(f"d3sr.perceptual {options['perceptual']!r} is not one of {PERCEPTUAL_SOURCES}.")
-        training_base = build_training_base(config["model"])
+        super().__init__(config)
+        self.loss_opts = self.options["loss"]
+        self.disc_opts = disc_opts = self.options["discriminator"]
         if disc_opts["backbone"] is None:
-            disc_unet = copy.deepcopy(training_base.base.denoiser)
+            disc_unet = self.frozen_unet
         else:
             disc_unet = load_base(disc_opts["backbone"], load_text_encoder=False).denoiser
-        self.generator = TrainableGenerator(
-            training_base,
-            timestep=int(config["model"]["timestep"]),
-            unet_lora_rank=int(gen_opts["lora_rank"]),
-            unet_lora_alpha=gen_opts["lora_alpha"],
-            vae_encoder_lora_rank=int(gen_opts["vae_encoder_lora_rank"]),
-            train_conv_in=bool(gen_opts["train_conv_in"]),
-        )
-        latent_channels = training_base.base.vae.config.latent_channels
-        context = training_base.conditioning["prompt_embeds"]
-        if disc_unet.config.in_channels != latent_channels or disc_unet.config.cross_attention_dim != context.shape[-1]:
+        latent_channels = self.training_base.base.vae.config.latent_channels
+        width = self.context.shape[-1]
+        if disc_unet.config.in_channels != latent_channels or disc_unet.config.cross_attention_dim != width:
             raise ValueError(
                 f"d3sr.discriminator.backbone takes {disc_unet.config.in_channels}-channel latents and "
                 f"{disc_unet.config.cross_attention_dim}-wide text, but the generator makes {latent_channels}-channel "
-                f"latents with {context.shape[-1]}-wide text: use a backbone of the same latent space."
+                f"latents with {width}-wide text: use a backbone of the same latent space."
             )
+        if config["train"]["gradient_checkpointing"]:
+            disc_unet.enable_gradient_checkpointing()
         self.discriminator = DiffusionDiscriminator(
             disc_unet,
             lora_rank=int(disc_opts["lora_rank"]),
             head_hidden_channels=int(disc_opts["head_hidden_channels"]),
             head_hidden_layers=int(disc_opts["head_hidden_layers"]),
         )
-        if options["perceptual"] == "files":
-            weights_dir = options["perceptual_weights_dir"]
-            self.dists = DISTS.from_files([weights_dir] if weights_dir else None)
-        else:
-            self.dists = DISTS()
-        self.context = context
-        self.alphas_cumprod = self.generator.generator.alphas_cumprod
+        self.frozen_unet = None  # its blocks now belong to the discriminator
+        self.dists = self.perceptual(DISTS)
 
     def models(self) -> dict[str, torch.nn.Module]:
         return {"generator": self.generator, "discriminator": self.discriminator}
@@ -125,8 +98,6 @@ class D3SRMethod(TrainingMethod):
     def bind(self, prepared, accelerator, max_grad_norm):
         super().bind(prepared, accelerator, max_grad_norm)
         self.dists.to(accelerator.device)
-        self.context = self.context.to(accelerator.device)
-        self.alphas_cumprod = self.alphas_cumprod.to(accelerator.device)
 
     def _noised(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(F(latents, t), t)`` with ``t`` drawn per sample from the configured distribution."""
@@ -144,13 +115,12 @@ class D3SRMethod(TrainingMethod):
         generator_module = accelerator.unwrap_model(g_model)
         discriminator = accelerator.unwrap_model(d_model)
         weights, kind = self.loss_opts, self.disc_opts["loss"]
-        gt, lq = batch["gt"], batch["lq"]
-        lq_up = F.interpolate(lq, size=gt.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+        gt, lq_up = batch["gt"], self.upsampled(batch)
         with accelerator.accumulate(g_model, d_model):
             with torch.no_grad(), adapters_disabled(generator_module.generator.vae):
                 z_real = generator_module.generator.encode(gt)
             z_hat, x_hat = g_model(lq_up)
-            mse = F.mse_loss(x_hat, gt)
+            mse = torch.nn.functional.mse_loss(x_hat, gt)
             ea = ea_dists(
                 self.dists, (x_hat + 1) / 2, (gt + 1) / 2,
                 edge_channels=weights["edge_channels"], edge_weight=weights["edge_weight"],
@@ -159,15 +129,14 @@ class D3SRMethod(TrainingMethod):
             # its gradient must reach the generator only, and no distributed gradient sync may start for D.
             discriminator.set_trainable(False)
             noised_fake, t_fake = self._noised(z_hat, generator)
-            context = self.context.expand(z_hat.shape[0], -1, -1)
-            gan_g = gan_generator_loss(discriminator(noised_fake, t_fake, context), kind)
+            gan_g = gan_generator_loss(discriminator(noised_fake, t_fake, self.contexts(z_hat.shape[0])), kind)
             loss_g = weights["mse_weight"] * mse + weights["ea_dists_weight"] * ea + weights["gan_weight"] * gan_g
             self.update("generator", loss_g)
             discriminator.set_trainable(True)
 
             # Real and generated latents in one forward pass (one distributed gradient sync), same t and noise.
             both, t = self._noised(torch.cat([z_real, z_hat.detach()]), generator)
-            logits = d_model(both, t, self.context.expand(both.shape[0], -1, -1))
+            logits = d_model(both, t, self.contexts(both.shape[0]))
             real_logits, fake_logits = logits.chunk(2)
             loss_d = gan_discriminator_loss(real_logits, fake_logits, kind)
             self.update("discriminator", loss_d)
@@ -176,15 +145,8 @@ class D3SRMethod(TrainingMethod):
             "loss_d": loss_d.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item(),
         }
 
-    def exported_parameters(self):
-        return self.generator.trained_parameters()
-
     def named_trained_parameters(self):
         params = {f"generator.{k}": v for k, v in self.generator.trained_parameters().items()}
         trainable = {id(p) for p in self.discriminator.trainable_parameters()}
         params.update({f"discriminator.{n}": p for n, p in self.discriminator.named_parameters() if id(p) in trainable})
         return params
-
-    def write_model(self, folder, training_config, trained=None):
-        trained = trained if trained is not None else self.generator.trained_parameters()
-        return self.generator.write_exports(folder, self.name, trained, training_config)

@@ -1,0 +1,89 @@
+"""What every one-step SR method shares: the trainable generator on an SD 2.x base, its options, the frozen
+copies of the base UNet that teachers and discriminators start from, perceptual distances, and the export."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from d3sr_core.perceptual import DISTS, LPIPS
+
+from ..generator import TrainableGenerator, TrainingBase, build_training_base
+from .base import TrainingMethod
+
+PERCEPTUAL_SOURCES = ("files", "random")
+
+GENERATOR_DEFAULTS = {
+    "lora_rank": 16,
+    "lora_alpha": None,  # None: alpha = rank (scale 1)
+    "vae_encoder_lora_rank": 0,
+    "train_conv_in": False,
+    "lr": 5e-5,
+    "weight_decay": 1e-2,
+}
+
+
+class OneStepMethod(TrainingMethod):
+    """Builds ``self.generator`` from ``config[name]["generator"]`` and keeps a frozen copy of the base UNet
+    (``self.frozen_unet``, taken before the generator's adapters are added) for teachers and discriminators."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.options = config[self.name]
+        if self.options.get("perceptual", "files") not in PERCEPTUAL_SOURCES:
+            raise ValueError(f"{self.name}.perceptual {self.options['perceptual']!r} is not one of {PERCEPTUAL_SOURCES}.")
+        self.training_base: TrainingBase = build_training_base(config["model"])
+        self.frozen_unet = copy.deepcopy(self.training_base.base.denoiser).eval().requires_grad_(False)
+        gen = self.options["generator"]
+        if config["train"]["gradient_checkpointing"]:
+            self.training_base.base.denoiser.enable_gradient_checkpointing()
+        self.generator = TrainableGenerator(
+            self.training_base,
+            timestep=int(config["model"]["timestep"]),
+            unet_lora_rank=int(gen["lora_rank"]),
+            unet_lora_alpha=gen["lora_alpha"],
+            vae_encoder_lora_rank=int(gen["vae_encoder_lora_rank"]),
+            train_conv_in=bool(gen["train_conv_in"]),
+        )
+        self.context = self.training_base.conditioning["prompt_embeds"]
+        self.alphas_cumprod = self.generator.generator.alphas_cumprod
+
+    def perceptual(self, kind: type[DISTS] | type[LPIPS]):
+        """DISTS or LPIPS from local weight files (``<method>.perceptual_weights_dir`` and torch's caches), or
+        with a random VGG when ``<method>.perceptual`` is ``random``."""
+        if self.options["perceptual"] == "random":
+            return kind(seed=int(self.config["seed"]))
+        weights_dir = self.options["perceptual_weights_dir"]
+        return kind.from_files([weights_dir] if weights_dir else None)
+
+    def bind(self, prepared, accelerator, max_grad_norm):
+        super().bind(prepared, accelerator, max_grad_norm)
+        self.context = self.context.to(accelerator.device)
+        self.alphas_cumprod = self.alphas_cumprod.to(accelerator.device)
+        if self.frozen_unet is not None:
+            self.frozen_unet.to(accelerator.device)
+
+    @staticmethod
+    def upsampled(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The LQ image bicubic-upsampled to the GT size, as ``torch_bicubic`` inference does, in [-1, 1]."""
+        return F.interpolate(batch["lq"], size=batch["gt"].shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+
+    def contexts(self, batch_size: int) -> torch.Tensor:
+        return self.context.expand(batch_size, -1, -1)
+
+    def teacher_epsilon(self, latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The frozen base UNet's epsilon prediction (float32)."""
+        return self.frozen_unet(latents.to(self.frozen_unet.dtype), timesteps, self.contexts(latents.shape[0])).sample.float()
+
+    def x0_from_epsilon(self, z_t: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        return (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def exported_parameters(self):
+        return self.generator.trained_parameters()
+
+    def write_model(self, folder, training_config, trained=None):
+        trained = trained if trained is not None else self.generator.trained_parameters()
+        return self.generator.write_exports(folder, self.name, trained, training_config)
