@@ -62,6 +62,11 @@ def x0_from_flow_velocity(z_t: torch.Tensor, v: torch.Tensor, sigma: float) -> t
     return z_t - sigma * v
 
 
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_next: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step (Song et al. 2021, eq. 12 with sigma = 0): ``sqrt(a') x0 + sqrt(1 - a') eps``."""
+    return alpha_bar_next ** (0.5) * x0 + (1 - alpha_bar_next) ** (0.5) * eps
+
+
 def _tick(progress: Callable[[], None] | None) -> None:
     if progress is not None:
         progress()

@@ -8,7 +8,9 @@ Keys (reference/ecosystem.md 1.4; the diffusers module path with dots turned int
 
 Several adapters on one layer (OSEDiff's three) become one LoRA of the summed rank: ``down`` stacks the ``A``
 matrices and ``up`` the ``B`` matrices each times its own ``alpha_i / rank_i``, with ``alpha`` = summed rank,
-so the update is exactly the sum of the adapters' updates.
+so the update is exactly the sum of the adapters' updates. A layer that is fully trained *and* carries LoRA
+(OSEDiff's ``conv_in``) is stored as one ``diff`` holding both changes: the hosts apply only one patch per layer
+(ComfyUI keeps the ``diff``, A1111 the LoRA).
 """
 
 from __future__ import annotations
@@ -61,7 +63,12 @@ def kohya_unet_lora(
     for module, down_list in downs.items():
         down = torch.cat(down_list, dim=0)
         up = torch.cat(ups[module], dim=1)
-        out[f"{kohya_key(module)}.lora_down.weight"] = down.contiguous()
-        out[f"{kohya_key(module)}.lora_up.weight"] = up.contiguous()
-        out[f"{kohya_key(module)}.alpha"] = torch.tensor(float(down.shape[0]))
+        key = kohya_key(module)
+        if f"{key}.diff" in out:
+            delta = (up.flatten(1) @ down.flatten(1)).view(out[f"{key}.diff"].shape)
+            out[f"{key}.diff"] = (out[f"{key}.diff"] + delta).contiguous()
+            continue
+        out[f"{key}.lora_down.weight"] = down.contiguous()
+        out[f"{key}.lora_up.weight"] = up.contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
     return out

@@ -144,10 +144,12 @@ def test_kohya_export_applies_to_the_same_weights_as_merging_the_adapters():
         for name, p in unet.named_parameters():
             if ".lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-        unet.conv_in.base_layer.bias.add_(0.5)  # a fully trained layer, as OSEDiff's conv_in
+        unet.conv_in.base_layer.weight.add_(0.01)  # a fully trained layer that also has LoRA, as OSEDiff's conv_in
+        unet.conv_in.base_layer.bias.add_(0.5)
     tensors = {n.replace(".base_layer.", "."): p.detach().clone() for n, p in unet.named_parameters() if ".lora_" in n}
+    tensors["conv_in.weight"] = unet.conv_in.base_layer.weight.detach().clone()
     tensors["conv_in.bias"] = unet.conv_in.base_layer.bias.detach().clone()
-    kohya = kohya_unet_lora(tensors, specs, {"conv_in.bias": base_state["conv_in.bias"]})
+    kohya = kohya_unet_lora(tensors, specs, {k: base_state[k] for k in ("conv_in.weight", "conv_in.bias")})
     merge_adapters(unet)
     merged = unet.state_dict()
 
@@ -161,9 +163,11 @@ def test_kohya_export_applies_to_the_same_weights_as_merging_the_adapters():
             down, up = kohya[key], kohya[stem + ".lora_up.weight"]
             scale = kohya[stem + ".alpha"].item() / down.shape[0]
             applied[name] += scale * (up.flatten(1) @ down.flatten(1)).view(applied[name].shape)
+    applied["conv_in.weight"] += kohya["lora_unet_conv_in.diff"]
     applied["conv_in.bias"] += kohya["lora_unet_conv_in.diff_b"]
+    # One patch per layer: conv_in's LoRA is folded into its difference (hosts apply a single patch per weight).
     assert set(k.rsplit(".", 2)[0] for k in kohya if ".lora_" in k) == {
-        "lora_unet_conv_in", "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", "lora_unet_mid_block_resnets_0_conv1"
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", "lora_unet_mid_block_resnets_0_conv1"
     }
     assert kohya["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].shape[0] == 5
     for name, value in merged.items():

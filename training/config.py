@@ -26,6 +26,7 @@ DEFAULTS: dict = {
         "base_configs": None,
         "embed_base": False,  # store the base inside exported models even though it was loaded from model.base
         "prompt": "",  # the fixed prompt the generator sees (D3SR uses no tagger)
+        "negative_prompt": "",  # the unconditional side of classifier-free guidance (OSEDiff's teacher)
         "timestep": 999,  # the generator's one timestep
     },
     "data": {

@@ -18,6 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from d3sr_core.files import atomic_output
 from d3sr_core.loading import DEFAULT_MODEL
 
 from .config import load_config, method_named_in
@@ -38,7 +39,8 @@ def reproduce(photos: Path, output_dir: Path, overrides: list[str] = ()) -> Path
             layers = [f"data.hr_dir={photos}", *([f"model.base={previous}"] if previous else []), *overrides]
             config = load_config(preset=preset, overrides=layers, method_defaults=METHODS[method].defaults, other_sections=tuple(METHODS))
             resume = out.is_dir() and bool(complete_checkpoints(out))
-            Trainer(config, out, resume=resume).train()
+            if Trainer(config, out, resume=resume).train() != "finished":
+                raise SystemExit(f"stage {folder} was stopped; run the same command again to resume it.")
         previous = out / result
     return previous
 
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     model = reproduce(Path(args.photos), Path(args.output_dir), args.set)
     if args.install:
         DEFAULT_MODEL.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(model, DEFAULT_MODEL)
+        with atomic_output(DEFAULT_MODEL) as tmp:
+            shutil.copyfile(model, tmp)
     print(f"default model: {model}" + (f" (installed as {DEFAULT_MODEL})" if args.install else ""))
     return 0
 

@@ -41,6 +41,8 @@ class TrainingBase:
 
     base: BaseModel
     conditioning: dict[str, torch.Tensor]
+    null_conditioning: dict[str, torch.Tensor]
+    """``model.negative_prompt``'s conditioning: the unconditional side of classifier-free guidance."""
     configs: dict | None
     """``{unet, vae, scheduler}`` when the base was built from configs (exports then embed it), else ``None``."""
     original: dict[str, torch.Tensor]
@@ -63,10 +65,11 @@ def build_training_base(model_config: dict) -> TrainingBase:
         base = load_base(path)
         if base.prompt_encoder is not None:
             conditioning = {k: v.clone() for k, v in base.encode_prompt(model_config.get("prompt") or "").items()}
+            null = {k: v.clone() for k, v in base.encode_prompt(model_config.get("negative_prompt") or "").items()}
             base.prompt_encoder = None
             base._prompt_cache.clear()
         else:
-            conditioning = _no_text(base.denoiser)
+            conditioning = null = _no_text(base.denoiser)
         if model_config.get("embed_base"):
             configs = {
                 "unet": dict(base.denoiser.config), "vae": dict(base.vae.config), "scheduler": dict(base.scheduler_config)
@@ -82,14 +85,25 @@ def build_training_base(model_config: dict) -> TrainingBase:
             scheduler_config=dict(configs["scheduler"]),
             source=Path("model.base_configs"),
         )
-        conditioning = _no_text(unet)
+        conditioning = null = _no_text(unet)
     if base.family != "sd2":
         raise ValueError(f"training needs an SD 2.x-shaped base; {base.source} is {base.family}.")
+    prediction = base.scheduler_config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ValueError(f"training needs a base with epsilon prediction; {base.source} uses {prediction} (e.g. SD 2.1-768).")
     original = {}
     if configs is not None:
         original = {f"unet.{k}": v.detach().clone() for k, v in base.denoiser.state_dict().items()}
         original.update({f"vae.{k}": v.detach().clone() for k, v in base.vae.state_dict().items()})
-    return TrainingBase(base, conditioning, copy.deepcopy(_json_safe(configs)), original)
+    return TrainingBase(base, conditioning, null, copy.deepcopy(_json_safe(configs)), original)
+
+
+def check_crop_size(data_config: dict, vae: nn.Module, paired: bool = True) -> None:
+    """HR crops (and, when ``paired``, their upsampled LQ partners) must be whole numbers of VAE pixels."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    crop, scale = int(data_config["crop_size"]), int(data_config["scale"]) if paired else 1
+    if crop % (factor * scale):
+        raise ValueError(f"data.crop_size {crop} must be a multiple of {factor * scale} (VAE factor {factor} x scale {scale}).")
 
 
 def _no_text(unet: nn.Module) -> dict[str, torch.Tensor]:
@@ -131,6 +145,7 @@ class TrainableGenerator(nn.Module):
         unet_lora_rank: int,
         unet_lora_alpha: float | None = None,
         vae_encoder_lora_rank: int = 0,
+        vae_encoder_lora_alpha: float | None = None,
         train_conv_in: bool = False,
     ):
         super().__init__()
@@ -146,7 +161,8 @@ class TrainableGenerator(nn.Module):
             add_adapters(base.denoiser, self.adapters[-1:])
         if vae_encoder_lora_rank:
             targets = lora_targets(base.vae, VAE_ENCODER_LORA_SUFFIXES, "encoder.") + ("quant_conv",)
-            self.adapters.append(AdapterSpec("default_encoder", "vae", vae_encoder_lora_rank, float(vae_encoder_lora_rank), targets))
+            alpha = float(vae_encoder_lora_alpha or vae_encoder_lora_rank)
+            self.adapters.append(AdapterSpec("default_encoder", "vae", vae_encoder_lora_rank, alpha, targets))
             add_adapters(base.vae, self.adapters[-1:])
         if train_conv_in:
             base.denoiser.conv_in.requires_grad_(True)

@@ -119,6 +119,9 @@ class Trainer:
             raise TrainingError(f"train.mixed_precision {train['mixed_precision']!r} is not one of {MIXED_PRECISION}.")
         if train["log_with"] not in LOG_WITH:
             raise TrainingError(f"train.log_with {train['log_with']!r} is not one of {LOG_WITH}.")
+        for key in ("checkpoint_every", "log_every", "max_steps", "batch_size", "gradient_accumulation_steps"):
+            if int(train[key]) < 1:
+                raise TrainingError(f"train.{key} is {train[key]}; it must be at least 1.")
         if config["data"]["hr_dir"] is None:
             raise TrainingError("no training data: set data.hr_dir (a folder of high-resolution images), e.g. with --data DIR.")
         existing = complete_checkpoints(self.output_dir) if self.output_dir.is_dir() else []
@@ -166,7 +169,8 @@ class Trainer:
         optimizers = [
             torch.optim.AdamW(s.params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay) for s in specs
         ]
-        warmup = int(train["lr_warmup_steps"])
+        # accelerate steps a prepared scheduler once per process at every optimizer step.
+        warmup = int(train["lr_warmup_steps"]) * accelerator.num_processes
         schedulers = [
             torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
             for opt in optimizers
@@ -220,6 +224,7 @@ class Trainer:
             partial.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()  # every rank's RNG state is in the folder before it is renamed
         if accelerator.is_main_process:
             self.write_model(partial)
             with open(partial / "config.yaml", "w", encoding="utf-8") as f:
@@ -241,12 +246,16 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
 
-    def _stop_agreed(self) -> bool:
-        """Whether any process was asked to stop (all processes must stop at the same step)."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.accelerator.device)
+    def _any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process (all processes must take the same branch)."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+            value = self.accelerator.reduce(value, reduction="sum")
+        return bool(value.item() > 0)
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process was asked to stop (SIGTERM)."""
+        return self._any_process(self._stop_requested)
 
     def _dataloader(self):
         data, train = self.config["data"], self.config["train"]
@@ -295,7 +304,7 @@ class Trainer:
                 step += 1
                 if self.ema is not None:
                     self.ema.update(self.method.exported_parameters())
-                if any(not math.isfinite(v) for v in sums.values()):
+                if self._any_process(any(not math.isfinite(v) for v in sums.values())):
                     raise TrainingError(f"a loss became NaN or infinite at step {step} ({sums}); lower the learning rates or check the data.")
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in sums.items() if k.startswith("loss")})

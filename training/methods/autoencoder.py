@@ -16,7 +16,7 @@ from torch import nn
 
 from ..base_folder import write_base_folder
 from ..data import SRPairDataset
-from ..generator import build_training_base
+from ..generator import build_training_base, check_crop_size
 from .base import OptimizerSpec, TrainingMethod
 
 INITIAL_LOG_VARIANCE = -8.0
@@ -52,6 +52,7 @@ class AutoencoderMethod(TrainingMethod):
         self.unet = training_base.base.denoiser
         self.scheduler_config = training_base.base.scheduler_config
         vae = training_base.base.vae
+        check_crop_size(config["data"], vae, paired=False)
         # A fresh posterior has std ~ 1, which buries the mean in noise; the reconstruction then learns slowly.
         # Start the log-variance low (std ~ 0.02) and let the KL term move it.
         quant = vae.quant_conv if getattr(vae, "quant_conv", None) is not None else vae.encoder.conv_out

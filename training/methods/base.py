@@ -100,8 +100,11 @@ class TrainingMethod(ABC):
         accelerator.backward(loss)
         opt = self.prepared.optimizers[optimizer]
         if accelerator.sync_gradients and self.max_grad_norm:
+            # accelerator.clip_grad_norm_ would unscale every optimizer's gradients (fp16), including the ones
+            # another optimizer is still accumulating; unscale this one alone.
+            accelerator.unscale_gradients(optimizer=opt)
             params = [p for group in opt.param_groups for p in group["params"]]
-            accelerator.clip_grad_norm_(params, self.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         opt.step()
         self.prepared.schedulers[optimizer].step()
         opt.zero_grad(set_to_none=True)

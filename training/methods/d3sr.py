@@ -134,7 +134,7 @@ class D3SRMethod(OneStepMethod):
             self.update("generator", loss_g)
             discriminator.set_trainable(True)
 
-            # Real and generated latents in one forward pass (one distributed gradient sync), same t and noise.
+            # Real and generated latents in one forward pass (one distributed gradient sync).
             both, t = self._noised(torch.cat([z_real, z_hat.detach()]), generator)
             logits = d_model(both, t, self.contexts(both.shape[0]))
             real_logits, fake_logits = logits.chunk(2)

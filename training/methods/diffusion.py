@@ -19,7 +19,7 @@ from d3sr_core.generator import alphas_cumprod_from_config
 from d3sr_core.losses import diffuse
 
 from ..base_folder import write_base_folder
-from ..generator import build_training_base
+from ..generator import build_training_base, check_crop_size
 from .base import OptimizerSpec, TrainingMethod
 
 
@@ -33,6 +33,7 @@ class DiffusionMethod(TrainingMethod):
         self.options = config["diffusion"]
         training_base = build_training_base(config["model"])
         base = training_base.base
+        check_crop_size(config["data"], base.vae, paired=False)
         if base.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
             raise ValueError("the diffusion method trains epsilon prediction; the base's scheduler config says otherwise.")
         self.vae, self.scheduler_config = base.vae, base.scheduler_config

@@ -8,9 +8,10 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from d3sr_core.generator import x0_from_epsilon
 from d3sr_core.perceptual import DISTS, LPIPS
 
-from ..generator import TrainableGenerator, TrainingBase, build_training_base
+from ..generator import TrainableGenerator, TrainingBase, build_training_base, check_crop_size
 from .base import TrainingMethod
 
 PERCEPTUAL_SOURCES = ("files", "random")
@@ -19,6 +20,7 @@ GENERATOR_DEFAULTS = {
     "lora_rank": 16,
     "lora_alpha": None,  # None: alpha = rank (scale 1)
     "vae_encoder_lora_rank": 0,
+    "vae_encoder_lora_alpha": None,
     "train_conv_in": False,
     "lr": 5e-5,
     "weight_decay": 1e-2,
@@ -45,9 +47,12 @@ class OneStepMethod(TrainingMethod):
             unet_lora_rank=int(gen["lora_rank"]),
             unet_lora_alpha=gen["lora_alpha"],
             vae_encoder_lora_rank=int(gen["vae_encoder_lora_rank"]),
+            vae_encoder_lora_alpha=gen["vae_encoder_lora_alpha"],
             train_conv_in=bool(gen["train_conv_in"]),
         )
+        check_crop_size(config["data"], self.training_base.base.vae)
         self.context = self.training_base.conditioning["prompt_embeds"]
+        self.null_context = self.training_base.null_conditioning["prompt_embeds"]
         self.alphas_cumprod = self.generator.generator.alphas_cumprod
 
     def perceptual(self, kind: type[DISTS] | type[LPIPS]):
@@ -61,9 +66,12 @@ class OneStepMethod(TrainingMethod):
     def bind(self, prepared, accelerator, max_grad_norm):
         super().bind(prepared, accelerator, max_grad_norm)
         self.context = self.context.to(accelerator.device)
+        self.null_context = self.null_context.to(accelerator.device)
         self.alphas_cumprod = self.alphas_cumprod.to(accelerator.device)
         if self.frozen_unet is not None:
-            self.frozen_unet.to(accelerator.device)
+            # A teacher only runs forward: in a mixed-precision run it is kept in that precision.
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+            self.frozen_unet.to(accelerator.device, dtype)
 
     @staticmethod
     def upsampled(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -75,11 +83,11 @@ class OneStepMethod(TrainingMethod):
 
     def teacher_epsilon(self, latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The frozen base UNet's epsilon prediction (float32)."""
-        return self.frozen_unet(latents.to(self.frozen_unet.dtype), timesteps, self.contexts(latents.shape[0])).sample.float()
+        dtype = self.frozen_unet.dtype
+        return self.frozen_unet(latents.to(dtype), timesteps, self.contexts(latents.shape[0]).to(dtype)).sample.float()
 
     def x0_from_epsilon(self, z_t: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        return (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+        return x0_from_epsilon(z_t, eps, self.alphas_cumprod[timesteps].view(-1, 1, 1, 1))
 
     def exported_parameters(self):
         return self.generator.trained_parameters()

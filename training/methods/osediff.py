@@ -5,7 +5,7 @@ trainables), one step at ``model.timestep`` (999 officially). Each step:
 
 1. generator: ``l2_weight * MSE(x_hat, x) + lpips_weight * LPIPS(x_hat, x) + vsd_weight * VSD(z_hat)`` where VSD
    noises ``z_hat`` at ``t ~ U[vsd_t_min, vsd_t_max]`` and compares the x0 of the fake-score UNet with the x0 of the
-   frozen teacher under classifier-free guidance (the negative prompt is the null conditioning);
+   frozen teacher under classifier-free guidance (``model.negative_prompt`` is the unconditional side);
 2. fake score (the base UNet with its own LoRA and optimizer): the standard epsilon loss on ``z_hat.detach()``
    noised at ``t ~ U[0, 999]``.
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from d3sr_core.discriminators import sample_timesteps
 from d3sr_core.losses import classifier_free_guidance, diffuse, variational_score_distillation
-from d3sr_core.lora import AdapterSpec, add_adapters
+from d3sr_core.lora import PEFT_DEFAULT_LORA_ALPHA, AdapterSpec, add_adapters
 from d3sr_core.perceptual import LPIPS
 
 from ..generator import OSEDIFF_LORA_SUFFIXES, lora_targets
@@ -31,8 +31,10 @@ class OSEDiffMethod(OneStepMethod):
     name = "osediff"
     defaults = {
         "osediff": {
-            "generator": {**GENERATOR_DEFAULTS, "lora_rank": 4, "vae_encoder_lora_rank": 4, "train_conv_in": True},
-            "fake_score": {"lora_rank": 4, "lr": 5e-5, "weight_decay": 1e-2},
+            # OSEDiff never sets LoRA alpha, so peft's default 8 applies (scale 2 at rank 4).
+            "generator": {**GENERATOR_DEFAULTS, "lora_rank": 4, "lora_alpha": PEFT_DEFAULT_LORA_ALPHA, "vae_encoder_lora_rank": 4,
+                          "vae_encoder_lora_alpha": PEFT_DEFAULT_LORA_ALPHA, "train_conv_in": True},
+            "fake_score": {"lora_rank": 4, "lora_alpha": PEFT_DEFAULT_LORA_ALPHA, "lr": 5e-5, "weight_decay": 1e-2},
             "loss": {"l2_weight": 1.0, "lpips_weight": 2.0, "vsd_weight": 1.0},
             "cfg_scale": 7.5,
             "vsd_t_min": 20,
@@ -48,11 +50,9 @@ class OSEDiffMethod(OneStepMethod):
         super().__init__(config)
         fake = self.options["fake_score"]
         self.fake_score = copy.deepcopy(self.frozen_unet)
-        spec = AdapterSpec("fake_score", "unet", int(fake["lora_rank"]), float(fake["lora_rank"]),
+        spec = AdapterSpec("fake_score", "unet", int(fake["lora_rank"]), float(fake["lora_alpha"] or fake["lora_rank"]),
                            lora_targets(self.fake_score, OSEDIFF_LORA_SUFFIXES))
         add_adapters(self.fake_score, [spec])
-        # The null conditioning of CFG: OSEDiff's negative prompt; a base without text has only one conditioning.
-        self.null_context = torch.zeros_like(self.context)
         self.lpips = self.perceptual(LPIPS)
 
     def models(self):
@@ -69,13 +69,13 @@ class OSEDiffMethod(OneStepMethod):
     def bind(self, prepared, accelerator, max_grad_norm):
         super().bind(prepared, accelerator, max_grad_norm)
         self.lpips.to(accelerator.device)
-        self.null_context = self.null_context.to(accelerator.device)
 
     def guided_teacher_epsilon(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         batch = z_t.shape[0]
+        dtype = self.frozen_unet.dtype
         both = self.frozen_unet(
-            torch.cat([z_t, z_t]), torch.cat([t, t]),
-            torch.cat([self.null_context.expand(batch, -1, -1), self.contexts(batch)]),
+            torch.cat([z_t, z_t]).to(dtype), torch.cat([t, t]),
+            torch.cat([self.null_context.expand(batch, -1, -1), self.contexts(batch)]).to(dtype),
         ).sample.float()
         uncond, cond = both.chunk(2)
         return classifier_free_guidance(uncond, cond, float(self.options["cfg_scale"]))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from d3sr_core.discriminators import TimeAwareDiscriminator, sample_timesteps, unet_encoder_features
+from d3sr_core.generator import ddim_step
 from d3sr_core.losses import diffuse, gan_discriminator_loss, gan_generator_loss, high_frequency_score_distillation
 from d3sr_core.lora import adapters_disabled
 
@@ -80,8 +81,7 @@ class TADSRMethod(OneStepMethod):
             t_batch = t.expand(z.shape[0])
             eps = self.teacher_epsilon(z, t_batch)
             x0 = self.x0_from_epsilon(z, eps, t_batch)
-            a_next = self.alphas_cumprod[t_next]
-            z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+            z = ddim_step(x0, eps, self.alphas_cumprod[t_next])
         return x0
 
     def _features(self, latents: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
