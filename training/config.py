@@ -28,6 +28,9 @@ DEFAULTS: dict = {
         "prompt": "",  # the fixed prompt the generator sees (D3SR uses no tagger)
         "negative_prompt": "",  # the unconditional side of classifier-free guidance (OSEDiff's teacher)
         "timestep": 999,  # the generator's one timestep
+        # Upscaling options stored in exported models (d3sr_core.options.UpscaleOptions fields), over the trainer's
+        # own (torch bicubic as in training, wavelet colour fix).
+        "inference_defaults": {},
     },
     "data": {
         "hr_dir": None,  # a folder of high-resolution images, degraded on the fly

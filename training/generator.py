@@ -6,7 +6,7 @@ Shared by every method that trains an SD 2.x-shaped one-step generator (D3SR, OS
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -96,6 +96,15 @@ def build_training_base(model_config: dict) -> TrainingBase:
         original = {f"unet.{k}": v.detach().clone() for k, v in base.denoiser.state_dict().items()}
         original.update({f"vae.{k}": v.detach().clone() for k, v in base.vae.state_dict().items()})
     return TrainingBase(base, conditioning, null, copy.deepcopy(_json_safe(configs)), original)
+
+
+def inference_defaults(model_config: dict, scale: int) -> UpscaleOptions:
+    """The upscaling options an exported model carries: ``TRAINED_DEFAULTS`` with ``model.inference_defaults``."""
+    overrides = model_config.get("inference_defaults") or {}
+    unknown = sorted(set(overrides) - set(UpscaleOptions.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"model.inference_defaults has no option {unknown[0]!r}; see d3sr_core.options.UpscaleOptions.")
+    return replace(TRAINED_DEFAULTS, scale=scale, **overrides)
 
 
 def check_crop_size(data_config: dict, vae: nn.Module, paired: bool = True) -> None:
@@ -204,7 +213,7 @@ class TrainableGenerator(nn.Module):
             adapters=list(self.adapters),
             tensors=tensors,
             conditioning={k: v.detach().cpu() for k, v in training_base.conditioning.items()},
-            defaults=TRAINED_DEFAULTS.updated(scale=scale),
+            defaults=inference_defaults(training_config["model"], scale),
             base_configs=training_base.configs,
             base_tensors=dict(training_base.original),
             training_config=training_config,

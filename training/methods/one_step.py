@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from d3sr_core.generator import x0_from_epsilon
 from d3sr_core.perceptual import DISTS, LPIPS
 
-from ..generator import TrainableGenerator, TrainingBase, build_training_base, check_crop_size
+from ..generator import TrainableGenerator, TrainingBase, build_training_base, check_crop_size, inference_defaults
 from .base import TrainingMethod
 
 PERCEPTUAL_SOURCES = ("files", "random")
@@ -51,6 +51,7 @@ class OneStepMethod(TrainingMethod):
             train_conv_in=bool(gen["train_conv_in"]),
         )
         check_crop_size(config["data"], self.training_base.base.vae)
+        inference_defaults(config["model"], int(config["data"]["scale"]))  # refuse bad options before training
         self.context = self.training_base.conditioning["prompt_embeds"]
         self.null_context = self.training_base.null_conditioning["prompt_embeds"]
         self.alphas_cumprod = self.generator.generator.alphas_cumprod
