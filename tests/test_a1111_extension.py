@@ -66,21 +66,27 @@ def test_settings_are_registered(ext):
 
 def test_upscaler_lists_models_and_equals_the_command_line(ext, models, tmp_path):
     upscaler = ext.UpscalerD3SR(None)
-    assert [(s.name, s.scale) for s in upscaler.scalers] == [("D3SR osediff", 4), ("D3SR tsdsr", 4)]
+    assert [(s.name, s.scale) for s in upscaler.scalers] == [("D3SR d3sr-small-x4", 4), ("D3SR osediff", 4), ("D3SR tsdsr", 4)]
     image = photo()
     image.save(tmp_path / "in.png")
-    result = upscaler.do_upscale(image, upscaler.scalers[0].data_path)
+    result = upscaler.do_upscale(image, upscaler.scalers[1].data_path)
     assert result.size == (128, 96)
     assert d3sr(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "cli"), "--model", str(models / "D3SR" / "osediff.pkl"),
                  "--base", str(models / "diffusers" / "tiny-sd2")]) == 0
     assert np.array_equal(np.asarray(result), np.asarray(Image.open(tmp_path / "cli" / "in.png")))
     # The webui's own loop: a x4 model asked for x2 runs once and resizes to the target.
-    assert upscaler.upscale(image, 2, upscaler.scalers[0].data_path).size == (64, 48)
+    assert upscaler.upscale(image, 2, upscaler.scalers[1].data_path).size == (64, 48)
+
+
+def test_bundled_model_needs_no_base(ext):
+    upscaler = ext.UpscalerD3SR(None)
+    assert ext.base_for(upscaler.scalers[0].data_path) is None
+    assert upscaler.do_upscale(photo(16, 16), upscaler.scalers[0].data_path).size == (64, 64)
 
 
 def test_tsdsr_model_takes_the_sd3_base_from_settings(ext):
     upscaler = ext.UpscalerD3SR(None)
-    assert upscaler.do_upscale(photo(16, 16), upscaler.scalers[1].data_path).size == (64, 64)
+    assert upscaler.do_upscale(photo(16, 16), upscaler.scalers[2].data_path).size == (64, 64)
 
 
 def test_interrupt_returns_the_input_and_progress_is_reported(ext, monkeypatch):
@@ -136,7 +142,7 @@ def test_api_route_answers_and_rejects_bad_requests(ext):
     for request, message in (
         (ext.UpscaleRequest(image="not base64!", model="osediff"), "image is not a base64-encoded image file"),
         (ext.UpscaleRequest(image=base64.b64encode(b"hello").decode(), model="osediff"), "image is not a base64-encoded image file"),
-        (ext.UpscaleRequest(image=encoded, model="nope"), "model 'nope' is not one of ['osediff', 'tsdsr']"),
+        (ext.UpscaleRequest(image=encoded, model="nope"), "model 'nope' is not one of ['d3sr-small-x4', 'osediff', 'tsdsr']"),
         (ext.UpscaleRequest(image=encoded, model="osediff", color_fix="lab"), "color_fix 'lab' is not one of"),
         (ext.UpscaleRequest(image=encoded, model="osediff", base="missing.safetensors"), "base model 'missing.safetensors' is not in"),
     ):

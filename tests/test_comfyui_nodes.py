@@ -65,9 +65,18 @@ def test_mappings_and_tooltips(pack):
 
 def test_loader_lists_models_and_bases(pack):
     loader = pack.NODE_CLASS_MAPPINGS["D3SRModelLoader"]
-    assert inputs_of(loader)["model_name"].options == ["osediff.pkl", "tsdsr/"]
+    assert inputs_of(loader)["model_name"].options == ["bundled/d3sr-small-x4.safetensors", "osediff.pkl", "tsdsr/"]
     bases = inputs_of(loader)["base_name"].options
     assert bases[0].startswith("(from") and "diffusers/tiny-sd2" in bases and "diffusers/tiny-sd3" in bases
+
+
+def test_bundled_model_loads_without_a_base_and_upscales(pack):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    # base_name is left at its default (the graph's MODEL), which a self-contained model does not use.
+    loaded = nodes["D3SRModelLoader"].execute("bundled/d3sr-small-x4.safetensors", inputs_of(nodes["D3SRModelLoader"])["base_name"].options[0], "fp32").args[0]
+    image = random_image(24, 32, seed=3).movedim(1, -1)
+    out = nodes["D3SRUpscale"].execute(loaded, image, **upscale_inputs(scale=4)).args[0]
+    assert out.shape == (1, 96, 128, 3) and torch.isfinite(out).all()
 
 
 def upscale_inputs(**changes):
