@@ -216,4 +216,5 @@ class TimeAwareDiscriminator(nn.Module):
         if len(features) != len(self.heads):
             raise ValueError(f"the discriminator reads {len(self.heads)} feature levels, got {len(features)}.")
         temb = get_timestep_embedding(timesteps, self.embed_dim).to(features[0].device)
-        return torch.cat([head(f.float(), temb) for head, f in zip(self.heads, features)], dim=1)
+        # UNet blocks can hand out channels-last views; torch 2.13's CPU GroupNorm backward crashes on those.
+        return torch.cat([head(f.float().contiguous(), temb) for head, f in zip(self.heads, features)], dim=1)
