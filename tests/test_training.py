@@ -46,6 +46,7 @@ def tiny_config(hr_dir: Path, *overrides: str) -> dict:
         preset="tiny",
         overrides=[f"data.hr_dir={hr_dir}", "train.batch_size=1", *overrides],
         method_defaults=METHODS["d3sr"].defaults,
+        other_sections=tuple(METHODS),
     )
 
 
