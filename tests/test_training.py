@@ -239,3 +239,36 @@ def test_two_processes_under_accelerate_launch_end_with_identical_parameters(hr_
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert load_checkpoint(out / "model.safetensors").method == "d3sr"
+
+
+def test_precomputed_latents_line_up_with_the_crops_and_feed_training(hr_dir, tiny_base_dir, tmp_path):
+    from training.latents import write_latents
+
+    assert write_latents(str(tiny_base_dir), hr_dir, tmp_path / "latents") == 6
+    dataset = SRPairDataset(hr_dir, crop_size=64, scale=4, seed=1, latent_dir=tmp_path / "latents")
+    assert dataset.latent_factor == 8
+    full = load_file(str(tmp_path / "latents" / "photo0.safetensors"))["latent"]
+    found = 0
+    for sample_id in range(0, 60, 6):  # ids that are photo0 (6 images)
+        sample = dataset[sample_id]
+        latent = sample["gt_latent"]
+        assert latent.shape == (4, 8, 8)
+        # The latent is a window of the whole image's latent, flipped with the crop when the crop is flipped.
+        windows = full.unfold(1, 8, 1).unfold(2, 8, 1)  # (4, h-7, w-7, 8, 8)
+        hr = read_image(hr_dir / "photo0.png").pixels * 2 - 1
+        for y in range(windows.shape[1]):
+            for x in range(windows.shape[2]):
+                for flipped in (False, True):
+                    window = windows[:, y, x].flip(-1) if flipped else windows[:, y, x]
+                    image = hr[:, y * 8:y * 8 + 64, x * 8:x * 8 + 64]
+                    # ... and the image crop is the same place of the same photo, flipped the same way.
+                    if torch.equal(window, latent) and torch.allclose(image.flip(-1) if flipped else image, sample["gt"]):
+                        found += 1
+    assert found == 10
+    out = tmp_path / "run"
+    config = tiny_config(hr_dir, "train.max_steps=2", f"data.latent_dir={tmp_path / 'latents'}")
+    config["model"]["base"], config["model"]["base_configs"] = str(tiny_base_dir), None
+    assert Trainer(config, out).train() == "finished"
+    with pytest.raises(ValueError, match="has no photo0.safetensors"):
+        (tmp_path / "latents" / "photo0.safetensors").unlink()
+        SRPairDataset(hr_dir, crop_size=64, scale=4, seed=1, latent_dir=tmp_path / "latents")

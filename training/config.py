@@ -40,6 +40,7 @@ DEFAULTS: dict = {
         "flip": True,
         "num_workers": 2,
         "cache_images": False,  # keep decoded images in memory (small datasets of large photos)
+        "latent_dir": None,  # precomputed HR latents (python -m training.latents); the VAE then skips the HR images
         "degradation": {},  # overrides of training.degradation.DegradationConfig (OSEDiff's Real-ESRGAN set)
     },
     "train": {

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from d3sr_core.image_io import ImageFileError, list_images, read_image
@@ -91,6 +93,8 @@ class SRPairDataset(Dataset):
     With only ``hr_dir``, LQ images are made from random HR crops by the Real-ESRGAN degradation. With ``lr_dir``
     too, the LQ image of the same name is cropped at the matching place (it must be exactly 1/scale the size).
     ``cache_images`` keeps decoded images in memory (each worker its own copy): for small datasets.
+    With ``latent_dir`` (``python -m training.latents``) the HR crop's precomputed VAE latent comes too, as
+    ``"gt_latent"`` ``(C, crop / f, crop / f)``, cut from the whole image's latent on the latent grid.
     With ``make_lq=False`` only ``"gt"`` is returned (methods that train on HR images alone).
     Indexed by sample ids from :class:`StreamSampler`.
     """
@@ -107,6 +111,7 @@ class SRPairDataset(Dataset):
         degradation: DegradationConfig | None = None,
         make_lq: bool = True,
         cache_images: bool = False,
+        latent_dir: str | os.PathLike | None = None,
     ):
         hr_dir = Path(hr_dir)
         if not hr_dir.is_dir():
@@ -126,6 +131,11 @@ class SRPairDataset(Dataset):
         self.crop_size, self.scale, self.seed, self.flip, self.make_lq = crop_size, scale, seed, flip, make_lq
         self.cache_images = cache_images
         self._decoded: dict[Path, torch.Tensor] = {}
+        self.latent_files, self.latent_factor = None, 1
+        if latent_dir is not None:
+            self.latent_files, self.latent_factor = _latent_files(Path(latent_dir), self.hr_files)
+            if crop_size % (self.latent_factor * scale):
+                raise ValueError(f"data.crop_size {crop_size} must be a multiple of {self.latent_factor * scale} with latents.")
         self.degradation = degradation or DegradationConfig(scale=scale)
         if self.degradation.scale != scale:
             raise ValueError(f"data.degradation.scale {self.degradation.scale} differs from data.scale {scale}.")
@@ -151,6 +161,8 @@ class SRPairDataset(Dataset):
         except ImageFileError as err:
             raise ValueError(f"training image cannot be read: {err}") from None
         crop, s = self.crop_size, self.scale
+        if self.latent_files is not None and min(hr.shape[-2:]) < crop:
+            raise ValueError(f"{self.hr_files[index].name} is smaller than data.crop_size {crop}; precomputed latents need every image at least that large.")
         if lr is None:
             hr = _fit_crop(hr, crop)
         elif tuple(hr.shape[-2:]) != (lr.shape[-2] * s, lr.shape[-1] * s) or min(lr.shape[-2:]) * s < crop:
@@ -158,21 +170,40 @@ class SRPairDataset(Dataset):
                 f"{self.lr_files[index].name} is {lr.shape[-1]}x{lr.shape[-2]}, but its HR image is "
                 f"{hr.shape[-1]}x{hr.shape[-2]}: expected exactly 1/{s} of it and at least {crop // s} px a side."
             )
-        # Crop corners on the LQ grid, so paired crops line up.
-        top = int(torch.randint(0, (hr.shape[-2] - crop) // s + 1, (), generator=rng)) * s
-        left = int(torch.randint(0, (hr.shape[-1] - crop) // s + 1, (), generator=rng)) * s
+        # Crop corners on the LQ grid (and the latent grid), so paired crops and latents line up.
+        grid = s * self.latent_factor
+        top = int(torch.randint(0, (hr.shape[-2] - crop) // grid + 1, (), generator=rng)) * grid
+        left = int(torch.randint(0, (hr.shape[-1] - crop) // grid + 1, (), generator=rng)) * grid
         gt = hr[:, top:top + crop, left:left + crop]
         flipped = self.flip and bool(torch.rand((), generator=rng) < 0.5)
         if flipped:
             gt = gt.flip(-1)
+        sample = {"gt": gt.contiguous() * 2 - 1}
+        if self.latent_files is not None:
+            f = self.latent_factor
+            latent = load_file(str(self.latent_files[index]))["latent"][:, top // f:(top + crop) // f, left // f:(left + crop) // f]
+            sample["gt_latent"] = (latent.flip(-1) if flipped else latent).contiguous()
         if not self.make_lq:
-            return {"gt": gt.contiguous() * 2 - 1}
+            return sample
         if lr is None:
             lq = real_esrgan_degrade(gt, self.degradation, rng)
         else:
             lq = lr[:, top // s:(top + crop) // s, left // s:(left + crop) // s]
             lq = lq.flip(-1) if flipped else lq
-        return {"gt": gt.contiguous() * 2 - 1, "lq": lq.contiguous() * 2 - 1}
+        return {**sample, "lq": lq.contiguous() * 2 - 1}
+
+
+def _latent_files(latent_dir: Path, hr_files: list[Path]) -> tuple[list[Path], int]:
+    """Each HR image's latent file (``python -m training.latents``) and the VAE's downsampling factor."""
+    files = [latent_dir / f"{f.stem}.safetensors" for f in hr_files]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"data.latent_dir {latent_dir} has no {missing[0]}; run python -m training.latents first.")
+    with safe_open(str(files[0]), framework="pt") as handle:
+        factor = int((handle.metadata() or {}).get("vae_scale_factor", 0))
+    if factor < 1:
+        raise ValueError(f"{files[0]} has no vae_scale_factor metadata; it was not written by python -m training.latents.")
+    return files, factor
 
 
 def build_dataloader(dataset: SRPairDataset, position: StreamPosition, num_workers: int) -> DataLoader:

@@ -269,6 +269,7 @@ class Trainer:
             degradation=DegradationConfig.from_dict({"scale": int(data["scale"]), **data["degradation"]}),
             make_lq=self.method.needs_lq,
             cache_images=bool(data["cache_images"]),
+            latent_dir=data["latent_dir"],
         )
         accumulation = int(train["gradient_accumulation_steps"])
         position = StreamPosition(

@@ -117,8 +117,10 @@ class D3SRMethod(OneStepMethod):
         weights, kind = self.loss_opts, self.disc_opts["loss"]
         gt, lq_up = batch["gt"], self.upsampled(batch)
         with accelerator.accumulate(g_model, d_model):
-            with torch.no_grad(), adapters_disabled(generator_module.generator.vae):
-                z_real = generator_module.generator.encode(gt)
+            z_real = batch.get("gt_latent")
+            if z_real is None:
+                with torch.no_grad(), adapters_disabled(generator_module.generator.vae):
+                    z_real = generator_module.generator.encode(gt)
             z_hat, x_hat = g_model(lq_up)
             mse = torch.nn.functional.mse_loss(x_hat, gt)
             ea = ea_dists(

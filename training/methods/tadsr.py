@@ -97,7 +97,7 @@ class TADSRMethod(OneStepMethod):
         batch_size, device = gt.shape[0], gt.device
         with accelerator.accumulate(g_model, d_model):
             with torch.no_grad(), adapters_disabled(generator_module.generator.vae):
-                z_gt = generator_module.generator.encode(gt)
+                z_gt = batch["gt_latent"] if "gt_latent" in batch else generator_module.generator.encode(gt)
                 z_target = z_gt if self.options["target"] == "gt" else self.teacher_target(generator_module.generator.encode(lq_up), generator)
             z_hat, _ = g_model(lq_up)
             regression = F.mse_loss(z_hat, z_target)
