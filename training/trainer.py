@@ -37,6 +37,7 @@ from d3sr_core.files import atomic_output
 from .data import SRPairDataset, StreamPosition, build_dataloader
 from .degradation import DegradationConfig
 from .methods import METHODS, Prepared, TrainingMethod
+from .methods.base import frozen_dtype
 
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"
@@ -159,8 +160,8 @@ class Trainer:
     def _prepare(self) -> None:
         accelerator, train = self.accelerator, self.config["train"]
         models = self.method.models()
-        if accelerator.mixed_precision in ("fp16", "bf16"):
-            dtype = torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16
+        dtype = frozen_dtype(accelerator.mixed_precision)
+        if dtype != torch.float32:
             for model in models.values():
                 for p in model.parameters():
                     if not p.requires_grad:

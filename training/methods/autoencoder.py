@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d3sr_core.generator import vae_scale_factor
+
 from ..base_folder import write_base_folder
 from ..data import SRPairDataset
 from ..generator import build_training_base, check_crop_size
@@ -71,7 +73,7 @@ class AutoencoderMethod(TrainingMethod):
         model = self.prepared.models["vae"]
         x = batch["gt"]
         vae = self.accelerator.unwrap_model(model).vae
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(vae)
         shape = (x.shape[0], vae.config.latent_channels, x.shape[-2] // factor, x.shape[-1] // factor)
         noise = torch.randn(shape, generator=generator).to(x.device)
         with self.accelerator.accumulate(model):

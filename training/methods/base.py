@@ -14,6 +14,11 @@ from pathlib import Path
 import torch
 
 
+def frozen_dtype(mixed_precision: str) -> torch.dtype:
+    """The precision frozen weights are kept in for accelerate's ``mixed_precision`` (``no``, ``fp16``, ``bf16``)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
 @dataclass
 class OptimizerSpec:
     """One optimizer: the parameters it moves and its AdamW settings."""

@@ -12,7 +12,7 @@ from d3sr_core.generator import x0_from_epsilon
 from d3sr_core.perceptual import DISTS, LPIPS
 
 from ..generator import TrainableGenerator, TrainingBase, build_training_base, check_crop_size, inference_defaults
-from .base import TrainingMethod
+from .base import TrainingMethod, frozen_dtype
 
 PERCEPTUAL_SOURCES = ("files", "random")
 
@@ -71,8 +71,7 @@ class OneStepMethod(TrainingMethod):
         self.alphas_cumprod = self.alphas_cumprod.to(accelerator.device)
         if self.frozen_unet is not None:
             # A teacher only runs forward: in a mixed-precision run it is kept in that precision.
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-            self.frozen_unet.to(accelerator.device, dtype)
+            self.frozen_unet.to(accelerator.device, frozen_dtype(accelerator.mixed_precision))
 
     @staticmethod
     def upsampled(batch: dict[str, torch.Tensor]) -> torch.Tensor:
