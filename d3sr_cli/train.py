@@ -12,7 +12,7 @@ def add_train(sub) -> None:
         description="Train with a method, a config (defaults < --preset < --config < --set) and a folder of HR images. "
         "Several processes: accelerate launch [--num_processes N] -m d3sr_cli.main train ...",
     )
-    p.add_argument("--method", help="d3sr, osediff, tadsr (one-step SR), autoencoder, diffusion (a base of your own); "
+    p.add_argument("--method", help="d3sr, osediff, tadsr, tsdsr (one-step SR), autoencoder, diffusion (a base of your own); "
                    "default: the config's method, else d3sr")
     p.add_argument("--preset", help="a shipped config, e.g. tiny (a tiny random model that trains on a CPU in minutes)")
     p.add_argument("--config", help="YAML config merged over the defaults and the preset")

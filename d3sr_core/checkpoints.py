@@ -16,13 +16,13 @@ use the plain module names (``unet.conv_in.weight``), and stored prompt embeddin
 ``adapters``           JSON list of ``{name, component, rank, alpha, targets}``
 ``prompt_embedding``   ``"true"`` when ``conditioning.prompt_embeds`` is stored
 ``defaults``           JSON of the method's :class:`UpscaleOptions` preset
-``base_configs``       only in a self-contained file: JSON ``{unet, vae, scheduler}`` configs
+``base_configs``       only in a self-contained file: JSON ``{unet|transformer, vae, scheduler}`` configs
 ``training_config``    optional: JSON of the training run that wrote it
 =====================  ===============================================================
 
 A **self-contained** file (a model trained from a base that exists nowhere else, such as the bundled default)
-also stores its base: ``base.unet.<name>`` and ``base.vae.<name>`` hold the base weights before LoRA, and
-``base_configs`` their configs, so it runs with no base model given.
+also stores its base: ``base.unet.<name>`` (``base.transformer.<name>`` for SD3) and ``base.vae.<name>`` hold the
+base weights before LoRA, and ``base_configs`` their configs, so it runs with no base model given.
 
 **OSEDiff** ``.pkl`` (read only): the dict written by ``OSEDiff_gen.save_model`` (reference/methods.md 1.2), read
 with the weights-only unpickler. Its LoRA alpha is peft's default (8), which the file does not store.
@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 from .backbones import BaseModel
 from .backbones.base import FAMILIES
 from .backbones.sd2 import sd2_base_from_embedded
+from .backbones.sd3 import sd3_base_from_embedded
 from .files import PICKLE_SUFFIXES, ModelFileError, atomic_output, read_pickle, read_safetensors, require_file
 from .generator import PREDICTION_TYPES, OneStepGenerator, alphas_cumprod_from_config
 from .lora import (
@@ -84,9 +85,9 @@ class OneStepCheckpoint:
     defaults: UpscaleOptions = field(default_factory=UpscaleOptions)
     source: Path | None = None
     base_configs: dict | None = None
-    """The embedded base's ``{unet, vae, scheduler}`` configs; ``None`` when the file needs a base model."""
+    """The embedded base's ``{unet|transformer, vae, scheduler}`` configs; ``None`` when the file needs a base model."""
     base_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    """The embedded base's weights, ``unet.<name>`` / ``vae.<name>``."""
+    """The embedded base's weights, ``unet.<name>`` (``transformer.<name>``) / ``vae.<name>``."""
     training_config: dict | None = None
 
     def metadata(self) -> dict[str, str]:
@@ -233,7 +234,7 @@ TSDSR_TRANSFORMER_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "
 TSDSR_KEY = re.compile(r"transformer\.(.+)\.lora_([AB])\.weight")
 
 
-def _read_tsdsr_lora(file: Path, component: str, rank: int | None, what: str) -> tuple[dict, int, tuple[str, ...]]:
+def read_tsdsr_lora(file: Path, component: str, rank: int | None, what: str) -> tuple[dict, int, tuple[str, ...]]:
     """``(tensors in our naming, rank, module names)`` of one TSD-SR LoRA file."""
     state, _ = read_safetensors(file, what)
     tensors, modules = {}, []
@@ -279,8 +280,8 @@ def read_tsdsr_dir(
     what = "a TSD-SR LoRA folder (transformer.safetensors and vae.safetensors)"
     transformer_file = require_file(path / "transformer.safetensors", what)
     vae_file = require_file(path / "vae.safetensors", what)
-    transformer_tensors, rank, _ = _read_tsdsr_lora(transformer_file, "transformer", rank, what)
-    vae_tensors, rank_vae, vae_modules = _read_tsdsr_lora(vae_file, "vae", rank_vae, what)
+    transformer_tensors, rank, _ = read_tsdsr_lora(transformer_file, "transformer", rank, what)
+    vae_tensors, rank_vae, vae_modules = read_tsdsr_lora(vae_file, "vae", rank_vae, what)
     embeddings = Path(embeddings_dir) if embeddings_dir else path
     missing = [n for n in ("prompt_embeds.pt", "pool_embeds.pt") if not (embeddings / n).is_file()]
     if missing:
@@ -332,9 +333,10 @@ def embedded_base(checkpoint: OneStepCheckpoint) -> BaseModel:
     source = checkpoint.source or Path("the checkpoint")
     if checkpoint.base_configs is None:
         raise ModelFileError(f"{source} stores no base model; give the base it was trained on.")
-    if checkpoint.base_family != "sd2":
-        raise ModelFileError(f"{source} embeds a {checkpoint.base_family} base; only SD 2.x-shaped bases can be embedded.")
-    return sd2_base_from_embedded(checkpoint.base_configs, checkpoint.base_tensors, source)
+    builders = {"sd2": sd2_base_from_embedded, "sd3": sd3_base_from_embedded}
+    if checkpoint.base_family not in builders:
+        raise ModelFileError(f"{source} embeds a {checkpoint.base_family} base; only SD 2.x- and SD3-shaped bases can be embedded.")
+    return builders[checkpoint.base_family](checkpoint.base_configs, checkpoint.base_tensors, source)
 
 
 def load_checkpoint(path: str | os.PathLike, *, embeddings_dir: str | os.PathLike | None = None) -> OneStepCheckpoint:

@@ -46,6 +46,17 @@ def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def flow_match_sigmas(config: dict) -> torch.Tensor:
+    """The noise levels of ``FlowMatchEulerDiscreteScheduler``'s training table, highest first (float32, ``(T,)``).
+
+    ``sigma_i = shift * s_i / (1 + (shift - 1) * s_i)`` with ``s_i = (T - i) / T`` for i = 0..T-1 (SD3: T = 1000,
+    shift 3), so ``sigma_0 = 1``; the transformer sees the timestep ``T * sigma``.
+    """
+    steps, shift = int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0))
+    plain = torch.arange(steps, 0, -1, dtype=torch.float32) / steps
+    return shift * plain / (1 + (shift - 1) * plain)
+
+
 def x0_from_epsilon(z_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
     """Clean latent from an epsilon prediction, in the operation order of ``DDPMScheduler.step`` (bit-equal to it)."""
     beta_bar_t = 1 - alpha_bar_t
@@ -124,6 +135,8 @@ class OneStepGenerator(torch.nn.Module):
         # A transformer cuts latents into patches, so latent sides and tiles must be multiples of its patch size.
         self.patch_size = int(getattr(getattr(denoiser, "config", None), "patch_size", None) or 1)
         self.pixel_multiple = self.vae_scale_factor * self.patch_size
+        max_positions = getattr(getattr(denoiser, "config", None), "pos_embed_max_size", None)
+        self.max_latent_side = int(max_positions) * self.patch_size if max_positions else None
 
     @property
     def denoiser_dtype(self) -> torch.dtype:
@@ -154,7 +167,10 @@ class OneStepGenerator(torch.nn.Module):
 
     def _latent_tiling(self, height: int, width: int, tile_size: int | None, tile_overlap: int) -> tuple[int, int] | None:
         """``(tile, overlap)`` for latents of ``height x width``, or ``None`` when they fit in one tile. The tile is
-        rounded down to whole patches (at least one) and the overlap kept below it."""
+        rounded down to whole patches (at least one) and the overlap kept below it. A transformer whose learned
+        positions end (``pos_embed_max_size`` patches) never sees a larger tile, even with tiling off."""
+        if self.max_latent_side and max(height, width) > self.max_latent_side:
+            tile_size = min(tile_size or self.max_latent_side, self.max_latent_side)
         if not tile_size or max(height, width) <= tile_size:
             return None
         tile = max(self.patch_size, tile_size // self.patch_size * self.patch_size)

@@ -106,14 +106,49 @@ def merge_adapters(model: torch.nn.Module) -> None:
 
 
 @contextmanager
+def _requires_grad_kept(layers: list[BaseTunerLayer]):
+    """peft's switches also set which LoRA weights train; put every flag back as it was on leaving."""
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextmanager
 def adapters_disabled(model: torch.nn.Module):
     """Run ``model`` as its base (every LoRA layer bypassed) inside the ``with`` block, e.g. to encode the real
     images with the original VAE encoder while the encoder's adapter trains."""
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield model
-    finally:
+    with _requires_grad_kept(layers):
         for layer in layers:
-            layer.enable_adapters(True)
+            layer.enable_adapters(False)
+        try:
+            yield model
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+
+@contextmanager
+def adapter_selected(model: torch.nn.Module, name: str | None):
+    """Run ``model`` with the adapter ``name`` alone active (``None``: none, the base) inside the ``with`` block;
+    layers without that adapter run as their base. One frozen copy of a base can so serve as TSD-SR's teacher
+    (base + teacher LoRA) and fake score (base + its own LoRA). Which weights train is left as it was."""
+    if name is None:
+        with adapters_disabled(model):
+            yield model
+        return
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not any(name in layer.lora_A for layer in layers):
+        raise ValueError(f"the model has no LoRA adapter named {name!r}.")
+    previous = [list(layer.active_adapters) for layer in layers]
+    with _requires_grad_kept(layers):
+        for layer in layers:
+            layer.set_adapter([name])
+        try:
+            yield model
+        finally:
+            for layer, names in zip(layers, previous):
+                layer.set_adapter(names)

@@ -13,7 +13,8 @@ Distillation (a frozen teacher diffusion model gives the generator a gradient in
 
 * OSEDiff's variational score distillation (VSD), x0-space and normalised;
 * TAD-SR's high-frequency score distillation (HSD);
-* TSD-SR's target score distillation (TSD) with the distribution-aware sampling module (DASM).
+* TSD-SR's target score distillation (TSD) with the distribution-aware sampling module (DASM), on the
+  rectified-flow path ``z_sigma = sigma * noise + (1 - sigma) * x0``.
 
 Score-distillation gradients become losses as ``MSE(z_hat, stopgrad(z_hat - grad))`` (:func:`gradient_as_loss`).
 """
@@ -42,6 +43,16 @@ def diffuse(z0: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) ->
     a = alpha_bar_t.to(z0.dtype).view(-1, *([1] * (z0.dim() - 1)))
     return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
+
+
+def flow_diffuse(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """The rectified-flow forward process ``z_sigma = sigma * noise + (1 - sigma) * x0`` (SD3, TSD-SR).
+
+    ``x0``, ``noise``: latents ``(B, C, h, w)``; ``sigma``: a number or ``(B,)`` levels in [0, 1] (1 = pure noise).
+    """
+    if isinstance(sigma, torch.Tensor) and sigma.ndim == 1:
+        sigma = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    return sigma * noise + (1 - sigma) * x0
 
 def sobel_edge_map(image: torch.Tensor, channels: str = "gray") -> torch.Tensor:
     """Sobel gradient magnitude ``sqrt(gx^2 + gy^2 + 1e-6)`` of ``image`` ``(B, 3, H, W)``, same size (zero padding 1).

@@ -18,16 +18,19 @@ DEFAULTS: dict = {
     "method": "d3sr",
     "seed": 0,
     "model": {
-        # An SD 2.x base: diffusers folder or single-file checkpoint. Exported models store only what training
-        # changed and name this base.
+        # The base: an SD 2.x diffusers folder or single-file checkpoint, or an SD3 diffusers folder. Exported
+        # models store only what training changed and name this base.
         "base": None,
-        # Or a base built from configs with random weights ({unet, vae, scheduler}); the exported model is then
-        # self-contained (the tiny preset, the bundled default model).
+        # Or a base built from configs with random weights ({unet | transformer, vae, scheduler}); the exported
+        # model is then self-contained (the tiny preset, the bundled default model).
         "base_configs": None,
         "embed_base": False,  # store the base inside exported models even though it was loaded from model.base
         "prompt": "",  # the fixed prompt the generator sees (D3SR uses no tagger)
         "negative_prompt": "",  # the unconditional side of classifier-free guidance (OSEDiff's teacher)
-        "timestep": 999,  # the generator's one timestep
+        "timestep": None,  # the generator's one timestep; None: the method's (999 on SD 2.x, 1000 = sigma 1 on SD3)
+        # Precomputed prompt embeddings (python -m training.prompts) instead of encoding model.prompt and
+        # model.negative_prompt with the base's text encoder; needed for SD3 bases (no text encoder in memory).
+        "prompt_embeddings": None,
         # Upscaling options stored in exported models (d3sr_core.options.UpscaleOptions fields), over the trainer's
         # own (torch bicubic as in training, wavelet colour fix).
         "inference_defaults": {},
@@ -133,6 +136,17 @@ def _preset_path(preset: str) -> Path:
     return PRESET_DIR / f"{preset}.yaml"
 
 
+def _lift_method_model(layer: dict, method_sections: tuple[str, ...]) -> dict:
+    """``layer`` with the ``model`` mapping inside this run's method section merged over its ``model`` (key by
+    key): a preset can so give TSD-SR its SD3 base while the other methods keep the SD 2.x one."""
+    layer = copy.deepcopy(layer)
+    for name in method_sections:
+        section = layer.get(name)
+        if isinstance(section, dict) and isinstance(section.get("model"), dict):
+            layer["model"] = {**(layer.get("model") or {}), **section.pop("model")}
+    return layer
+
+
 def load_config(
     *,
     preset: str | None = None,
@@ -144,7 +158,8 @@ def load_config(
     """The run's config: ``DEFAULTS`` plus the method's section, then the preset, the file and the overrides.
 
     A preset or file may hold sections for several methods (``other_sections``, e.g. every method's name): those
-    of other methods are left out of this run's config.
+    of other methods are left out of this run's config. A ``model`` mapping inside this run's method section
+    applies to ``model``.
     """
     config = merge(DEFAULTS, {})
     for name, section in method_defaults.items():
@@ -155,6 +170,6 @@ def load_config(
     if file is not None:
         layers.append(read_yaml(file))
     layers += [parse_override(text) for text in overrides]
-    for layer in layers:
+    for layer in map(lambda layer: _lift_method_model(layer, tuple(method_defaults)), layers):
         config = merge(config, {k: v for k, v in layer.items() if k in method_defaults or k not in other_sections})
     return config

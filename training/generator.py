@@ -1,6 +1,7 @@
 """The generator as training sees it: the same ``OneStepGenerator`` inference runs, with trainable adapters.
 
-Shared by every method that trains an SD 2.x-shaped one-step generator (D3SR, OSEDiff, TAD-SR on SD).
+Shared by every method that trains a one-step generator: on SD 2.x-shaped bases (D3SR, OSEDiff, TAD-SR on SD)
+and on SD3-shaped ones (TSD-SR).
 """
 
 from __future__ import annotations
@@ -10,25 +11,30 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 from safetensors.torch import save_file
 from torch import nn
 
 from d3sr_core.backbones import BaseModel, load_base
+from d3sr_core.backbones.base import FAMILIES, detect_family_from_unet_config
 from d3sr_core.backbones.sd2 import predict_unet
-from d3sr_core.backbones.base import detect_family_from_unet_config
-from d3sr_core.checkpoints import OneStepCheckpoint, generator_on_base, save_checkpoint
+from d3sr_core.backbones.sd3 import predict_transformer
+from d3sr_core.checkpoints import TSDSR_TRANSFORMER_TARGETS, OneStepCheckpoint, generator_on_base, save_checkpoint
 from d3sr_core.files import atomic_output
 from d3sr_core.kohya import kohya_unet_lora
 from d3sr_core.generator import OneStepGenerator, vae_scale_factor
 from d3sr_core.lora import AdapterSpec, add_adapters, unwrapped_name
 from d3sr_core.options import UpscaleOptions
 
+from .prompts import read_prompt_embeddings
+
 OSEDIFF_LORA_SUFFIXES = (
     "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut", "conv_out",
     "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj",
 )
 """OSEDiff's UNet LoRA patterns (``osediff.py: initialize_unet``), which D3SR's UNet LoRA also uses by default."""
+DENOISER_LORA_SUFFIXES = {"sd2": OSEDIFF_LORA_SUFFIXES, "sd3": TSDSR_TRANSFORMER_TARGETS}
+"""The generator's denoiser LoRA patterns by base family (SD3: TSD-SR's ``test_tsdsr.py`` list)."""
 VAE_ENCODER_LORA_SUFFIXES = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0")
 
 TRAINED_DEFAULTS = UpscaleOptions(upsample="torch_bicubic", color_fix="wavelet")
@@ -50,52 +56,80 @@ class TrainingBase:
     embeds); empty for a base loaded from a path that exports name instead."""
 
 
-def build_training_base(model_config: dict) -> TrainingBase:
+def build_training_base(model_config: dict, families: tuple[str, ...] = ("sd2",)) -> TrainingBase:
     """Load ``model.base`` (a path) or build ``model.base_configs`` with random weights (seed the global RNG first).
 
-    The text encoder is used once, for ``model.prompt``, and dropped. A base without one (built from configs, or
-    a folder without ``text_encoder/``) gets one zero token of the cross-attention width: the "empty prompt" of a
+    ``families``: the base families the method trains on (SD 2.x with epsilon prediction; SD3 with rectified flow).
+    The conditioning comes from ``model.prompt_embeddings`` when given (``python -m training.prompts``), else
+    from the base's text encoder, used once for ``model.prompt`` / ``model.negative_prompt`` and dropped. A base
+    without text (built from configs) gets zero embeddings: one zero token of each width, the "empty prompt" of a
     model that never had text (attention over identical zero tokens gives the same result whatever their count).
     ``model.embed_base`` makes exports self-contained for a base loaded from a path too.
     """
     path, configs = model_config.get("base"), model_config.get("base_configs")
     if (path is None) == (configs is None):
         raise ValueError("give exactly one of model.base (a base model path) and model.base_configs (configs to build one).")
-    if path is not None:
-        base = load_base(path)
-        if base.prompt_encoder is not None:
-            conditioning = {k: v.clone() for k, v in base.encode_prompt(model_config.get("prompt") or "").items()}
-            null = {k: v.clone() for k, v in base.encode_prompt(model_config.get("negative_prompt") or "").items()}
-            base.prompt_encoder = None
-            base._prompt_cache.clear()
-        else:
-            conditioning = null = _no_text(base.denoiser)
-        if model_config.get("embed_base"):
-            configs = {
-                "unet": dict(base.denoiser.config), "vae": dict(base.vae.config), "scheduler": dict(base.scheduler_config)
-            }
-    else:
-        unet = UNet2DConditionModel.from_config(configs["unet"])
-        vae = AutoencoderKL.from_config(configs["vae"])
-        base = BaseModel(
-            family=detect_family_from_unet_config(configs["unet"]),
-            denoiser=unet.eval().requires_grad_(False),
-            vae=vae.eval().requires_grad_(False),
-            predict_fn=predict_unet,
-            scheduler_config=dict(configs["scheduler"]),
-            source=Path("model.base_configs"),
-        )
-        conditioning = null = _no_text(unet)
-    if base.family != "sd2":
-        raise ValueError(f"training needs an SD 2.x-shaped base; {base.source} is {base.family}.")
-    prediction = base.scheduler_config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
+    base = load_base(path) if path is not None else _base_from_configs(configs)
+    if base.family not in families:
+        wanted = " or ".join(FAMILIES[f] for f in families)
+        raise ValueError(f"this method trains on {wanted} bases; {base.source} is {FAMILIES.get(base.family, base.family)}.")
+    expected = "flow" if base.family == "sd3" else "epsilon"
+    prediction = "flow" if base.family == "sd3" else base.scheduler_config.get("prediction_type", "epsilon")
+    if prediction != expected:
         raise ValueError(f"training needs a base with epsilon prediction; {base.source} uses {prediction} (e.g. SD 2.1-768).")
+    conditioning, null = _conditioning(base, model_config, built=configs is not None)
+    base.prompt_encoder = None
+    base._prompt_cache.clear()
+    if path is not None and model_config.get("embed_base"):
+        configs = {
+            base.denoiser_component: dict(base.denoiser.config), "vae": dict(base.vae.config),
+            "scheduler": dict(base.scheduler_config),
+        }
     original = {}
     if configs is not None:
-        original = {f"unet.{k}": v.detach().clone() for k, v in base.denoiser.state_dict().items()}
+        original = {f"{base.denoiser_component}.{k}": v.detach().clone() for k, v in base.denoiser.state_dict().items()}
         original.update({f"vae.{k}": v.detach().clone() for k, v in base.vae.state_dict().items()})
     return TrainingBase(base, conditioning, null, copy.deepcopy(_json_safe(configs)), original)
+
+
+def _base_from_configs(configs: dict) -> BaseModel:
+    """A base of random weights from ``{unet | transformer, vae, scheduler}`` configs."""
+    if ("unet" in configs) == ("transformer" in configs):
+        raise ValueError("model.base_configs needs exactly one of unet (SD 2.x-shaped) and transformer (SD3-shaped).")
+    vae = AutoencoderKL.from_config(configs["vae"]).eval().requires_grad_(False)
+    if "transformer" in configs:
+        transformer = SD3Transformer2DModel.from_config(configs["transformer"]).eval().requires_grad_(False)
+        return BaseModel(
+            family="sd3", denoiser=transformer, vae=vae, predict_fn=predict_transformer,
+            scheduler_config=dict(configs["scheduler"]), source=Path("model.base_configs"),
+            denoiser_component="transformer",
+        )
+    unet = UNet2DConditionModel.from_config(configs["unet"]).eval().requires_grad_(False)
+    return BaseModel(
+        family=detect_family_from_unet_config(configs["unet"]), denoiser=unet, vae=vae, predict_fn=predict_unet,
+        scheduler_config=dict(configs["scheduler"]), source=Path("model.base_configs"),
+    )
+
+
+def _conditioning(base: BaseModel, model_config: dict, built: bool) -> tuple[dict, dict]:
+    """``(conditioning, null conditioning)`` of the run: from ``model.prompt_embeddings``, the base's text
+    encoder, or (for a base built from configs) zeros."""
+    if model_config.get("prompt_embeddings"):
+        return read_prompt_embeddings(model_config["prompt_embeddings"], base.conditioning_widths())
+    if base.prompt_encoder is not None:
+        encode = base.encode_prompt
+        clone = lambda d: {k: v.clone() for k, v in d.items()}  # noqa: E731
+        return clone(encode(model_config.get("prompt") or "")), clone(encode(model_config.get("negative_prompt") or ""))
+    if not built and base.family == "sd3":
+        raise ValueError(
+            f"{base.source} has no text encoder loaded; give model.prompt_embeddings, the file that "
+            "python -m training.prompts writes from the base's text encoders."
+        )
+    zeros = {
+        name: torch.zeros(1, 1, width) if name == "prompt_embeds" else torch.zeros(1, width)
+        for name, width in base.conditioning_widths().items()
+    }
+    return zeros, {k: v.clone() for k, v in zeros.items()}
 
 
 def inference_defaults(model_config: dict, scale: int) -> UpscaleOptions:
@@ -113,10 +147,6 @@ def check_crop_size(data_config: dict, vae: nn.Module, paired: bool = True) -> N
     crop, scale = int(data_config["crop_size"]), int(data_config["scale"]) if paired else 1
     if crop % (factor * scale):
         raise ValueError(f"data.crop_size {crop} must be a multiple of {factor * scale} (VAE factor {factor} x scale {scale}).")
-
-
-def _no_text(unet: nn.Module) -> dict[str, torch.Tensor]:
-    return {"prompt_embeds": torch.zeros(1, 1, unet.config.cross_attention_dim)}
 
 
 def _json_safe(value):
@@ -139,11 +169,13 @@ def lora_targets(model: nn.Module, suffixes: tuple[str, ...], prefix: str = "") 
 
 
 class TrainableGenerator(nn.Module):
-    """A ``OneStepGenerator`` whose UNet (and optionally VAE encoder) carry trainable LoRA, and optionally a fully
-    trained ``conv_in`` (OSEDiff). The VAE decoder and every base weight stay frozen.
+    """A ``OneStepGenerator`` whose denoiser (UNet or transformer, and optionally the VAE encoder) carries trainable
+    LoRA, and optionally a fully trained ``conv_in`` (OSEDiff). The VAE decoder and every base weight stay frozen.
 
     ``forward(lq)`` takes the upsampled low-quality image ``(B, 3, H, W)`` in [-1, 1] and returns the predicted
-    clean latent ``(B, 4, H/8, W/8)`` and its decoding ``(B, 3, H, W)`` in [-1, 1].
+    clean latent ``(B, C, H/f, W/f)`` (f = the VAE's factor) and its decoding ``(B, 3, H, W)`` in [-1, 1]. An SD
+    2.x generator recovers x0 from epsilon at ``timestep``; an SD3 one from the flow velocity (``timestep`` 1000
+    is sigma = 1: ``x0 = z - v``).
     """
 
     def __init__(
@@ -151,38 +183,42 @@ class TrainableGenerator(nn.Module):
         training_base: TrainingBase,
         *,
         timestep: int,
-        unet_lora_rank: int,
-        unet_lora_alpha: float | None = None,
+        lora_rank: int,
+        lora_alpha: float | None = None,
         vae_encoder_lora_rank: int = 0,
         vae_encoder_lora_alpha: float | None = None,
         train_conv_in: bool = False,
     ):
         super().__init__()
         base = training_base.base
+        self.component = base.denoiser_component
         # The untrained conv_in, to export a trained one as a kohya difference.
         self.base_conv_in = {}
         if train_conv_in:
             self.base_conv_in = {f"conv_in.{k}": v.detach().clone() for k, v in base.denoiser.conv_in.state_dict().items()}
         self.adapters: list[AdapterSpec] = []
-        if unet_lora_rank:
-            targets = lora_targets(base.denoiser, OSEDIFF_LORA_SUFFIXES)
-            self.adapters.append(AdapterSpec("default", "unet", unet_lora_rank, float(unet_lora_alpha or unet_lora_rank), targets))
+        if lora_rank:
+            targets = lora_targets(base.denoiser, DENOISER_LORA_SUFFIXES[base.family])
+            self.adapters.append(AdapterSpec("default", self.component, lora_rank, float(lora_alpha or lora_rank), targets))
             add_adapters(base.denoiser, self.adapters[-1:])
         if vae_encoder_lora_rank:
-            targets = lora_targets(base.vae, VAE_ENCODER_LORA_SUFFIXES, "encoder.") + ("quant_conv",)
+            targets = lora_targets(base.vae, VAE_ENCODER_LORA_SUFFIXES, "encoder.")
+            if getattr(base.vae, "quant_conv", None) is not None:
+                targets += ("quant_conv",)
             alpha = float(vae_encoder_lora_alpha or vae_encoder_lora_rank)
             self.adapters.append(AdapterSpec("default_encoder", "vae", vae_encoder_lora_rank, alpha, targets))
             add_adapters(base.vae, self.adapters[-1:])
         if train_conv_in:
             base.denoiser.conv_in.requires_grad_(True)
         self.generator: OneStepGenerator = generator_on_base(
-            base, prediction_type="epsilon", timestep=timestep, conditioning=training_base.conditioning
+            base, prediction_type="flow" if base.family == "sd3" else "epsilon", timestep=timestep,
+            conditioning=training_base.conditioning,
         )
         self.training_base = training_base
 
     def trained_parameters(self) -> dict[str, nn.Parameter]:
-        """``unet.<name>`` / ``vae.<name>`` (peft names) of every parameter that trains."""
-        params = {f"unet.{n}": p for n, p in self.generator.denoiser.named_parameters() if p.requires_grad}
+        """``unet.<name>`` (``transformer.<name>``) / ``vae.<name>`` (peft names) of every parameter that trains."""
+        params = {f"{self.component}.{n}": p for n, p in self.generator.denoiser.named_parameters() if p.requires_grad}
         params.update({f"vae.{n}": p for n, p in self.generator.vae.named_parameters() if p.requires_grad})
         return params
 
@@ -207,8 +243,8 @@ class TrainableGenerator(nn.Module):
         training_base = self.training_base
         return OneStepCheckpoint(
             method=method,
-            base_family="sd2",
-            prediction_type="epsilon",
+            base_family=training_base.base.family,
+            prediction_type=self.generator.prediction_type,
             timestep=self.generator.timestep,
             adapters=list(self.adapters),
             tensors=tensors,

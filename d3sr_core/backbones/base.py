@@ -94,3 +94,44 @@ class BaseModel:
             with torch.no_grad():
                 self._prompt_cache[prompt] = self.prompt_encoder(prompt)
         return self._prompt_cache[prompt]
+
+
+def check_weights(expected: dict, state: dict, path: Path, what: str) -> None:
+    """Every tensor of ``expected`` must be in ``state`` with the same shape; else one sentence naming the first that is not."""
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ModelFileError(
+            f"{path} does not hold the weights of the {what} config: "
+            f"{len(missing)} {what} weights are missing, such as {missing[0]!r}."
+        )
+    for key, value in expected.items():
+        if state[key].shape != value.shape:
+            raise ModelFileError(
+                f"{path} does not match the {what} config: {key!r} has shape {tuple(state[key].shape)}, "
+                f"expected {tuple(value.shape)} (pass the matching base config folder)."
+            )
+
+
+def build_with_weights(factory, state: dict, path: Path, what: str) -> torch.nn.Module:
+    """``factory()`` built on the meta device and then given ``state``'s tensors, so a full-size model costs no
+    random initialisation."""
+    with torch.device("meta"):
+        model = factory()
+    expected = model.state_dict()
+    check_weights(expected, state, path, what)
+    # Cloned into fresh storage: tensors read from a file can be unaligned views, and CPU kernels then round
+    # differently from the same weights loaded any other way.
+    model.load_state_dict({k: state[k].clone() for k in expected}, assign=True)
+    return model
+
+
+def embedded_part_state(state: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    """The tensors of one part (``unet``, ``transformer``, ``vae``) of an embedded base, without the part prefix."""
+    return {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+
+
+def check_embedded_configs(configs: dict, parts: tuple[str, ...], source: Path) -> None:
+    """An embedded base's ``base_configs`` must hold a config mapping for each of ``parts``."""
+    for part in parts:
+        if not isinstance(configs.get(part), dict):
+            raise ModelFileError(f"{source} embeds a base model without a {part} config.")

@@ -17,7 +17,17 @@ from diffusers.loaders.single_file_utils import (
 )
 
 from ..files import ModelFileError, read_state_dict
-from .base import BaseModel, detect_family_from_unet_config, folder_scheduler_config, from_pretrained, read_json
+from .base import (
+    BaseModel,
+    build_with_weights,
+    check_embedded_configs,
+    check_weights,
+    detect_family_from_unet_config,
+    embedded_part_state,
+    folder_scheduler_config,
+    from_pretrained,
+    read_json,
+)
 
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs" / "sd21_base"
 LDM_UNET_PROBE_KEY = "model.diffusion_model.input_blocks.0.0.weight"
@@ -89,47 +99,14 @@ def _from_diffusers_folder(path: Path, load_text_encoder: bool) -> BaseModel:
     )
 
 
-def _check_weights(expected: dict, state: dict, path: Path, what: str) -> None:
-    """Every tensor of ``expected`` must be in ``state`` with the same shape; else one sentence naming the first that is not."""
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ModelFileError(
-            f"{path} does not hold the weights of the {what} config: "
-            f"{len(missing)} {what} weights are missing, such as {missing[0]!r}."
-        )
-    for key, value in expected.items():
-        if state[key].shape != value.shape:
-            raise ModelFileError(
-                f"{path} does not match the {what} config: {key!r} has shape {tuple(state[key].shape)}, "
-                f"expected {tuple(value.shape)} (pass the matching base config folder)."
-            )
-
-
-def _build_with_weights(factory, state: dict, path: Path, what: str) -> torch.nn.Module:
-    """``factory()`` built on the meta device and then given ``state``'s tensors, so a full-size model costs no
-    random initialisation."""
-    with torch.device("meta"):
-        model = factory()
-    expected = model.state_dict()
-    _check_weights(expected, state, path, what)
-    # Cloned into fresh storage: tensors read from a file can be unaligned views, and CPU kernels then round
-    # differently from the same weights loaded any other way.
-    model.load_state_dict({k: state[k].clone() for k in expected}, assign=True)
-    return model
-
-
 def sd2_base_from_embedded(configs: dict, state: dict[str, torch.Tensor], source: Path) -> BaseModel:
     """An SD 2.x-shaped base stored inside a checkpoint: ``configs`` holds the ``unet``, ``vae`` and ``scheduler``
     configs, ``state`` the weights as ``unet.<name>`` / ``vae.<name>`` (diffusers names)."""
-    for part in ("unet", "vae", "scheduler"):
-        if not isinstance(configs.get(part), dict):
-            raise ModelFileError(f"{source} embeds a base model without a {part} config.")
-
-    def part_state(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
-
-    unet = _build_with_weights(lambda: UNet2DConditionModel.from_config(configs["unet"]), part_state("unet"), source, "UNet")
-    vae = _build_with_weights(lambda: AutoencoderKL.from_config(configs["vae"]), part_state("vae"), source, "VAE")
+    check_embedded_configs(configs, ("unet", "vae", "scheduler"), source)
+    unet = build_with_weights(
+        lambda: UNet2DConditionModel.from_config(configs["unet"]), embedded_part_state(state, "unet"), source, "UNet"
+    )
+    vae = build_with_weights(lambda: AutoencoderKL.from_config(configs["vae"]), embedded_part_state(state, "vae"), source, "VAE")
     base = BaseModel(
         family=detect_family_from_unet_config(configs["unet"]),
         denoiser=unet,
@@ -171,14 +148,14 @@ def sd2_base_from_ldm_state_dict(
     context_key = next((k for k in checkpoint if k.endswith("attn2.to_k.weight")), None)
     if context_key is not None and checkpoint[context_key].shape[1] == 768:
         raise ModelFileError(f"{path} is an SD 1.x model (768-wide text tokens); expected an SD 2.x base.")
-    unet = _build_with_weights(
+    unet = build_with_weights(
         lambda: UNet2DConditionModel.from_config(unet_config),
         convert_ldm_unet_checkpoint(checkpoint, unet_config),
         path,
         "UNet",
     )
     vae_config = read_json(config_dir / "vae.json")
-    vae = _build_with_weights(
+    vae = build_with_weights(
         lambda: AutoencoderKL.from_config(vae_config), convert_ldm_vae_checkpoint(checkpoint, vae_config), path, "VAE"
     )
     prompt_encoder = None
@@ -191,7 +168,7 @@ def sd2_base_from_ldm_state_dict(
         converted = convert_open_clip_checkpoint(text_encoder, checkpoint, prefix=OPEN_CLIP_PREFIX)
         # position_ids is a buffer that some transformers versions save and others do not: keep the model's own.
         expected = {k: v for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
-        _check_weights(expected, converted, path, "text encoder")
+        check_weights(expected, converted, path, "text encoder")
         text_encoder.load_state_dict({k: converted[k] for k in expected}, strict=False)
         prompt_encoder = make_prompt_encoder(text_encoder, None, path)
     base = BaseModel(

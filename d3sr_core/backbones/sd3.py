@@ -13,7 +13,15 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 
 from ..files import ModelFileError
-from .base import BaseModel, folder_scheduler_config, from_pretrained, read_json
+from .base import (
+    BaseModel,
+    build_with_weights,
+    check_embedded_configs,
+    embedded_part_state,
+    folder_scheduler_config,
+    from_pretrained,
+    read_json,
+)
 
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs" / "sd3_medium"
 
@@ -49,5 +57,25 @@ def load_sd3_base(path: Path) -> BaseModel:
         predict_fn=predict_transformer,
         scheduler_config=scheduler_config,
         source=path,
+        denoiser_component="transformer",
+    )
+
+
+def sd3_base_from_embedded(configs: dict, state: dict[str, torch.Tensor], source: Path) -> BaseModel:
+    """An SD3-shaped base stored inside a checkpoint: ``configs`` holds the ``transformer``, ``vae`` and
+    ``scheduler`` configs, ``state`` the weights as ``transformer.<name>`` / ``vae.<name>`` (diffusers names)."""
+    check_embedded_configs(configs, ("transformer", "vae", "scheduler"), source)
+    transformer = build_with_weights(
+        lambda: SD3Transformer2DModel.from_config(configs["transformer"]),
+        embedded_part_state(state, "transformer"), source, "transformer",
+    )
+    vae = build_with_weights(lambda: AutoencoderKL.from_config(configs["vae"]), embedded_part_state(state, "vae"), source, "VAE")
+    return BaseModel(
+        family="sd3",
+        denoiser=transformer.eval().requires_grad_(False),
+        vae=vae.eval().requires_grad_(False),
+        predict_fn=predict_transformer,
+        scheduler_config=configs["scheduler"],
+        source=source,
         denoiser_component="transformer",
     )

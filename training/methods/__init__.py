@@ -6,9 +6,10 @@ from .d3sr import D3SRMethod
 from .diffusion import DiffusionMethod
 from .osediff import OSEDiffMethod
 from .tadsr import TADSRMethod
+from .tsdsr import TSDSRMethod
 
 METHODS: dict[str, type[TrainingMethod]] = {
-    m.name: m for m in (D3SRMethod, OSEDiffMethod, TADSRMethod, AutoencoderMethod, DiffusionMethod)
+    m.name: m for m in (D3SRMethod, OSEDiffMethod, TADSRMethod, TSDSRMethod, AutoencoderMethod, DiffusionMethod)
 }
 
 __all__ = ["METHODS", "OptimizerSpec", "Prepared", "TrainingMethod"]

@@ -63,7 +63,7 @@ class D3SRMethod(OneStepMethod):
         self.loss_opts = self.options["loss"]
         self.disc_opts = disc_opts = self.options["discriminator"]
         if disc_opts["backbone"] is None:
-            disc_unet = self.frozen_unet
+            disc_unet = self.frozen_denoiser
         else:
             disc_unet = load_base(disc_opts["backbone"], load_text_encoder=False).denoiser
         latent_channels = self.training_base.base.vae.config.latent_channels
@@ -82,7 +82,7 @@ class D3SRMethod(OneStepMethod):
             head_hidden_channels=int(disc_opts["head_hidden_channels"]),
             head_hidden_layers=int(disc_opts["head_hidden_layers"]),
         )
-        self.frozen_unet = None  # its blocks now belong to the discriminator
+        self.frozen_denoiser = None  # its blocks now belong to the discriminator
         self.dists = self.perceptual(DISTS)
 
     def models(self) -> dict[str, torch.nn.Module]:

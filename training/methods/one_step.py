@@ -1,5 +1,5 @@
-"""What every one-step SR method shares: the trainable generator on an SD 2.x base, its options, the frozen
-copies of the base UNet that teachers and discriminators start from, perceptual distances, and the export."""
+"""What every one-step SR method shares: the trainable generator on its base, its options, the frozen copy of
+the base denoiser that teachers, fake scores and discriminators start from, perceptual distances, and the export."""
 
 from __future__ import annotations
 
@@ -28,32 +28,41 @@ GENERATOR_DEFAULTS = {
 
 
 class OneStepMethod(TrainingMethod):
-    """Builds ``self.generator`` from ``config[name]["generator"]`` and keeps a frozen copy of the base UNet
-    (``self.frozen_unet``, taken before the generator's adapters are added) for teachers and discriminators."""
+    """Builds ``self.generator`` from ``config[name]["generator"]`` and keeps a frozen copy of the base denoiser
+    (``self.frozen_denoiser``, taken before the generator's adapters are added) for teachers and discriminators.
+
+    ``families``: the bases the method trains on; ``default_timestep``: the generator's timestep when
+    ``model.timestep`` is not set (999 for SD 2.x as OSEDiff; 1000, sigma = 1, for SD3 as TSD-SR).
+    """
+
+    families: tuple[str, ...] = ("sd2",)
+    default_timestep: int = 999
 
     def __init__(self, config: dict):
         self.config = config
         self.options = config[self.name]
         if self.options.get("perceptual", "files") not in PERCEPTUAL_SOURCES:
             raise ValueError(f"{self.name}.perceptual {self.options['perceptual']!r} is not one of {PERCEPTUAL_SOURCES}.")
-        self.training_base: TrainingBase = build_training_base(config["model"])
-        self.frozen_unet = copy.deepcopy(self.training_base.base.denoiser).eval().requires_grad_(False)
+        self.training_base: TrainingBase = build_training_base(config["model"], self.families)
+        self.frozen_denoiser = copy.deepcopy(self.training_base.base.denoiser).eval().requires_grad_(False)
         gen = self.options["generator"]
         if config["train"]["gradient_checkpointing"]:
             self.training_base.base.denoiser.enable_gradient_checkpointing()
         self.generator = TrainableGenerator(
             self.training_base,
-            timestep=int(config["model"]["timestep"]),
-            unet_lora_rank=int(gen["lora_rank"]),
-            unet_lora_alpha=gen["lora_alpha"],
+            timestep=int(config["model"]["timestep"] if config["model"]["timestep"] is not None else self.default_timestep),
+            lora_rank=int(gen["lora_rank"]),
+            lora_alpha=gen["lora_alpha"],
             vae_encoder_lora_rank=int(gen["vae_encoder_lora_rank"]),
             vae_encoder_lora_alpha=gen["vae_encoder_lora_alpha"],
             train_conv_in=bool(gen["train_conv_in"]),
         )
         check_crop_size(config["data"], self.training_base.base.vae)
         inference_defaults(config["model"], int(config["data"]["scale"]))  # refuse bad options before training
-        self.context = self.training_base.conditioning["prompt_embeds"]
-        self.null_context = self.training_base.null_conditioning["prompt_embeds"]
+        self.conditioning = self.training_base.conditioning
+        self.null_conditioning = self.training_base.null_conditioning
+        self.context = self.conditioning["prompt_embeds"]
+        self.null_context = self.null_conditioning["prompt_embeds"]
         self.alphas_cumprod = self.generator.generator.alphas_cumprod
 
     def perceptual(self, kind: type[DISTS] | type[LPIPS]):
@@ -66,12 +75,15 @@ class OneStepMethod(TrainingMethod):
 
     def bind(self, prepared, accelerator, max_grad_norm):
         super().bind(prepared, accelerator, max_grad_norm)
-        self.context = self.context.to(accelerator.device)
-        self.null_context = self.null_context.to(accelerator.device)
-        self.alphas_cumprod = self.alphas_cumprod.to(accelerator.device)
-        if self.frozen_unet is not None:
+        self.conditioning = {k: v.to(accelerator.device) for k, v in self.conditioning.items()}
+        self.null_conditioning = {k: v.to(accelerator.device) for k, v in self.null_conditioning.items()}
+        self.context = self.conditioning["prompt_embeds"]
+        self.null_context = self.null_conditioning["prompt_embeds"]
+        if self.alphas_cumprod is not None:
+            self.alphas_cumprod = self.alphas_cumprod.to(accelerator.device)
+        if self.frozen_denoiser is not None:
             # A teacher only runs forward: in a mixed-precision run it is kept in that precision.
-            self.frozen_unet.to(accelerator.device, frozen_dtype(accelerator.mixed_precision))
+            self.frozen_denoiser.to(accelerator.device, frozen_dtype(accelerator.mixed_precision))
 
     @staticmethod
     def upsampled(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -83,8 +95,8 @@ class OneStepMethod(TrainingMethod):
 
     def teacher_epsilon(self, latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The frozen base UNet's epsilon prediction (float32)."""
-        dtype = self.frozen_unet.dtype
-        return self.frozen_unet(latents.to(dtype), timesteps, self.contexts(latents.shape[0]).to(dtype)).sample.float()
+        dtype = self.frozen_denoiser.dtype
+        return self.frozen_denoiser(latents.to(dtype), timesteps, self.contexts(latents.shape[0]).to(dtype)).sample.float()
 
     def x0_from_epsilon(self, z_t: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return x0_from_epsilon(z_t, eps, self.alphas_cumprod[timesteps].view(-1, 1, 1, 1))

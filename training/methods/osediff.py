@@ -49,7 +49,7 @@ class OSEDiffMethod(OneStepMethod):
     def __init__(self, config: dict):
         super().__init__(config)
         fake = self.options["fake_score"]
-        self.fake_score = copy.deepcopy(self.frozen_unet)
+        self.fake_score = copy.deepcopy(self.frozen_denoiser)
         spec = AdapterSpec("fake_score", "unet", int(fake["lora_rank"]), float(fake["lora_alpha"] or fake["lora_rank"]),
                            lora_targets(self.fake_score, OSEDIFF_LORA_SUFFIXES))
         add_adapters(self.fake_score, [spec])
@@ -72,8 +72,8 @@ class OSEDiffMethod(OneStepMethod):
 
     def guided_teacher_epsilon(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         batch = z_t.shape[0]
-        dtype = self.frozen_unet.dtype
-        both = self.frozen_unet(
+        dtype = self.frozen_denoiser.dtype
+        both = self.frozen_denoiser(
             torch.cat([z_t, z_t]).to(dtype), torch.cat([t, t]),
             torch.cat([self.null_context.expand(batch, -1, -1), self.contexts(batch)]).to(dtype),
         ).sample.float()

@@ -51,9 +51,9 @@ class TADSRMethod(OneStepMethod):
             raise ValueError(f"tadsr.target {self.options['target']!r} is not one of {TARGETS}.")
         if self.options["noise"] not in NOISES:
             raise ValueError(f"tadsr.noise {self.options['noise']!r} is not one of {NOISES}.")
-        probe = torch.zeros(1, self.frozen_unet.config.in_channels, 16, 16)
+        probe = torch.zeros(1, self.frozen_denoiser.config.in_channels, 16, 16)
         with torch.no_grad():
-            channels = [f.shape[1] for f in unet_encoder_features(self.frozen_unet, probe, torch.zeros(1, dtype=torch.long), self.context)]
+            channels = [f.shape[1] for f in unet_encoder_features(self.frozen_denoiser, probe, torch.zeros(1, dtype=torch.long), self.context)]
         disc = self.options["discriminator"]
         self.discriminator = TimeAwareDiscriminator(channels, int(disc["embed_dim"]), int(disc["c_dim"]))
 
@@ -85,7 +85,7 @@ class TADSRMethod(OneStepMethod):
         return x0
 
     def _features(self, latents: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
-        return unet_encoder_features(self.frozen_unet, latents, t, self.contexts(latents.shape[0]))
+        return unet_encoder_features(self.frozen_denoiser, latents, t, self.contexts(latents.shape[0]))
 
     def training_step(self, batch, step, generator):
         accelerator = self.accelerator
