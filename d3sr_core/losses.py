@@ -201,6 +201,19 @@ def target_score_distillation(
     return torch.nan_to_num(vsd_weight * grad_vsd + (1 - vsd_weight) * grad_tsm)
 
 
+def fake_score_flow_loss(
+    velocity: torch.Tensor, noised: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """TSD-SR's fake-score loss (reference/methods.md 2.3): ``0.5 * mean(w * (z_t - sigma * v - target)^2)``.
+
+    ``velocity``: the fake score's prediction at ``noised`` = ``flow_diffuse(target, noise, sigma)``, all
+    ``(B, C, h, w)``; ``sigma``, ``weight``: ``(B,)`` (``weight = sigmoid(n)``, ``n ~ N(0, 1)`` officially).
+    """
+    per_sample = (-1,) + (1,) * (noised.dim() - 1)
+    x0_pred = noised - sigma.view(per_sample) * velocity
+    return 0.5 * (weight.view(per_sample) * (x0_pred - target) ** 2).mean()
+
+
 def gradient_as_loss(z_hat: torch.Tensor, grad: torch.Tensor, weight: float = 0.5) -> torch.Tensor:
     """``weight * MSE(z_hat, stopgrad(z_hat - grad))``: a scalar whose gradient with respect to ``z_hat`` is
     ``2 * weight * grad / numel`` (how TSD-SR turns its gradient into a loss, with weight 0.5)."""

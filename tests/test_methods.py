@@ -17,7 +17,7 @@ from training.config import load_config
 from training.methods import METHODS
 from training.trainer import Trainer
 
-ONE_STEP_METHODS = ("d3sr", "osediff", "tadsr")
+ONE_STEP_METHODS = ("d3sr", "osediff", "tadsr", "tsdsr")
 
 
 @pytest.fixture(scope="module")

@@ -356,3 +356,34 @@ def write_tsdsr_dir(folder: Path, rank: int = 4, seed: int = 20, batch_dim: bool
     torch.save(pooled if batch_dim else pooled[0], folder / "pool_embeds.pt")
     saved["prompt_embeds"], saved["pooled_prompt_embeds"] = prompt, pooled
     return saved
+
+
+# SD3's three text encoders, tiny: CLIP-L and CLIP-G stand-ins whose hidden widths (8 + 16) fit under T5's (32 =
+# the transformer's joint_attention_dim) and whose projections (8 + 16) make the pooled width (24).
+TINY_SD3_CLIPS = (dict(hidden_size=8, projection_dim=8), dict(hidden_size=16, projection_dim=16))
+
+
+def tiny_t5_tokenizer():
+    """A T5 (unigram) tokenizer: pad 0, end-of-text 1, unknown 2, then single letters with and without a space."""
+    from transformers import T5Tokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + c, -1.0) for c in letters] + [(c, -2.0) for c in letters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def write_sd3_text_encoders(folder: Path, with_t5: bool = True) -> Path:
+    """Add ``tokenizer``/``text_encoder`` (CLIP-L), ``_2`` (CLIP-G) and, ``with_t5``, ``_3`` (T5) to an SD3 folder."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    for index, (suffix, sizes) in enumerate(zip(("", "_2"), TINY_SD3_CLIPS)):
+        torch.manual_seed(30 + index)
+        config = CLIPTextConfig(**{**TINY_TEXT, **sizes, "num_attention_heads": 2, "intermediate_size": 16})
+        CLIPTextModelWithProjection(config).eval().save_pretrained(folder / f"text_encoder{suffix}")
+        tiny_tokenizer(folder / f"tokenizer_files{suffix}").save_pretrained(folder / f"tokenizer{suffix}")
+    if with_t5:
+        torch.manual_seed(32)
+        config = T5Config(vocab_size=len(tiny_t5_tokenizer()), d_model=TINY_SD3["joint_attention_dim"], d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+        T5EncoderModel(config).eval().save_pretrained(folder / "text_encoder_3")
+        tiny_t5_tokenizer().save_pretrained(folder / "tokenizer_3")
+    return folder

@@ -69,20 +69,31 @@ class ConfigError(ValueError):
 
 def merge(base: dict, override: dict, where: str = "") -> dict:
     """``override`` merged into a copy of ``base``; a key ``base`` lacks is an error, except inside a dict whose
-    default is empty (free-form sections such as ``data.degradation``) or ``None`` (``model.base_configs``)."""
+    default is empty (free-form sections such as ``data.degradation``) or ``None`` (``model.base_configs``, which
+    ``null`` clears again)."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
         path = f"{where}{key}"
         if key not in merged:
             known = ", ".join(sorted(merged)) or "none"
             raise ConfigError(f"unknown config key {path!r}; known keys here: {known}.")
-        if isinstance(merged[key], dict) and merged[key]:
+        if isinstance(merged[key], dict) and merged[key] and not (value is None and _optional(path)):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} must be a mapping, got {value!r}.")
             merged[key] = merge(merged[key], value, path + ".")
         else:
             merged[key] = _like_default(merged[key], value, path)
     return merged
+
+
+def _optional(path: str) -> bool:
+    """Whether the key at the dotted ``path`` defaults to ``None`` (``model.base_configs``), so ``null`` clears it."""
+    node = DEFAULTS
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return node is None
 
 
 def _like_default(default, value, path: str):

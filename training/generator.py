@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 from safetensors.torch import save_file
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from d3sr_core.backbones import BaseModel, load_base
@@ -159,10 +160,12 @@ def _json_safe(value):
 
 
 def lora_targets(model: nn.Module, suffixes: tuple[str, ...], prefix: str = "") -> tuple[str, ...]:
-    """Full names of the Linear/Conv2d layers under ``prefix`` whose names end in one of ``suffixes``."""
+    """Full names of the Linear/Conv2d layers under ``prefix`` whose names end in one of ``suffixes`` (a layer that
+    already carries another adapter counts by its base layer)."""
     names = []
     for name, module in model.named_modules():
-        if name.startswith(prefix) and isinstance(module, (nn.Linear, nn.Conv2d)):
+        layer = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if name.startswith(prefix) and isinstance(layer, (nn.Linear, nn.Conv2d)):
             if any(name == s or name.endswith("." + s) for s in suffixes):
                 names.append(name)
     return tuple(names)

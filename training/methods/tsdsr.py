@@ -29,6 +29,7 @@ from d3sr_core.generator import flow_match_sigmas
 from d3sr_core.losses import (
     classifier_free_guidance,
     dasm_sigmas,
+    fake_score_flow_loss,
     flow_diffuse,
     gradient_as_loss,
     target_score_distillation,
@@ -189,13 +190,12 @@ class TSDSRMethod(OneStepMethod):
             index = sample_timesteps(size, t_min=int(opts["t_index_min"]), t_max=int(opts["t_index_max"]), generator=generator)
             sigma = self.sigmas[index.to(gt.device)]
             noise_fake = torch.randn(z_hat.shape, generator=generator).to(gt.device)
-            weight = torch.sigmoid(torch.randn(size, generator=generator)).to(gt.device).view(-1, 1, 1, 1)
+            weight = torch.sigmoid(torch.randn(size, generator=generator)).to(gt.device)
             target = z_hat.detach()
             noised = flow_diffuse(target, noise_fake, sigma)
             with adapter_selected(score_model, FAKE_SCORE):
                 velocity = predict_transformer(f_model, noised, sigma * self.num_train_timesteps, self._conditioning(size)).float()
-            x0_pred = noised - sigma.view(-1, 1, 1, 1) * velocity
-            loss_fake = 0.5 * (weight * (x0_pred - target) ** 2).mean()
+            loss_fake = fake_score_flow_loss(velocity, noised, sigma, target, weight)
             self.update("fake_score", loss_fake)
         return {
             "loss_g": loss_g.item(), "lpips": lpips.item(), "latent_mse": latent_mse.item(), "tsd": tsd.item(),
