@@ -195,3 +195,37 @@ print(node.DESCRIPTION)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "'diffusers' is missing" in result.stdout and "requirements.txt" in result.stdout
+
+
+def test_trained_tsdsr_export_loads_in_the_node_with_no_base(pack, models, tmp_path):
+    """What `d3sr train --method tsdsr --preset tiny` writes (an SD3 base embedded) loads and upscales as it is."""
+    from training.config import load_config
+    from training.methods import METHODS
+    from training.trainer import Trainer
+
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    from PIL import Image
+
+    Image.fromarray((random_image(64, 64, seed=5)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(hr / "a.png")
+    config = load_config(preset="tiny", overrides=["method=tsdsr", f"data.hr_dir={hr}", "train.max_steps=1", "train.batch_size=1"],
+                         method_defaults=METHODS["tsdsr"].defaults, other_sections=tuple(METHODS))
+    Trainer(config, tmp_path / "run").train()
+    target = models / "d3sr" / "tsdsr-tiny.safetensors"
+    target.write_bytes((tmp_path / "run" / "model.safetensors").read_bytes())
+    try:
+        nodes = pack.NODE_CLASS_MAPPINGS
+        base_default = inputs_of(nodes["D3SRModelLoader"])["base_name"].options[0]
+        loaded = nodes["D3SRModelLoader"].execute("tsdsr-tiny.safetensors", base_default, "fp32").args[0]
+        image = random_image(24, 32, seed=6)
+        out = nodes["D3SRUpscale"].execute(loaded, image.movedim(1, -1), **upscale_inputs(scale=4)).args[0]
+        checkpoint = load_checkpoint(target)
+        from d3sr_core.checkpoints import embedded_base
+
+        expected = Upscaler(build_generator(checkpoint, embedded_base(checkpoint)), dtype="fp32").upscale(
+            image, checkpoint.defaults.updated(scale=4, vae_sample="mode", seed=0)
+        )
+        assert out.shape == (1, 96, 128, 3)
+        assert torch.allclose(out, expected.movedim(1, -1), atol=2e-5)
+    finally:
+        target.unlink()
