@@ -37,6 +37,7 @@ NEEDS = {
     "d3sr": ("none", "no", "diffusion UNet (down + mid blocks, LoRA) + MLP patch head"),
     "osediff": ("frozen base UNet, CFG", "base UNet + LoRA, own optimizer", "no"),
     "tadsr": ("frozen base UNet (HSD, features)", "no", "time-aware heads on the teacher's features"),
+    "tsdsr": ("frozen SD3 transformer (+ teacher LoRA), CFG", "the same frozen copy + attention LoRA, own optimizer", "no"),
 }
 
 
