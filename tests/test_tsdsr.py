@@ -189,3 +189,16 @@ def test_odd_latent_sizes_and_odd_tiles_fit_the_patch_grid(tsdsr, sd3_base, tile
     options = load_checkpoint(folder).defaults.updated(min_process_side=0, tile_size=tile_size, tile_overlap=2)
     out = upscaler.upscale(random_image(34, 34), options if tile_size else options.updated(tile_size=0))
     assert out.shape == (1, 3, 136, 136)
+
+
+def test_latents_beyond_the_transformer_positions_are_tiled(sd3_base, tsdsr):
+    """SD3's learned positions end at pos_embed_max_size patches (32 x 2 = 64 latent pixels here): larger latents
+    are tiled at that size even with tiling off, instead of failing inside the transformer."""
+    generator = build_generator(load_checkpoint(tsdsr[0]), load_base(sd3_base))
+    assert generator.max_latent_side == 64
+    assert generator._latent_tiling(72, 40, None, 8) == (64, 8)
+    assert generator._latent_tiling(40, 40, None, 8) is None
+    latents = torch.randn(1, 16, 72, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x0 = generator.denoise(latents, tile_size=0, tile_overlap=8)
+    assert x0.shape == latents.shape and torch.isfinite(x0).all()
