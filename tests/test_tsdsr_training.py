@@ -218,3 +218,13 @@ def test_dasm_run_trains(hr_dir, tmp_path):
     assert trainer.train() == "finished"
     after = trainer.method.named_trained_parameters()
     assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("generator."))
+
+
+def test_cli_trains_tsdsr_on_the_tiny_preset(hr_dir, tmp_path):
+    out = tmp_path / "run"
+    assert d3sr_main(["train", "--method", "tsdsr", "--preset", "tiny", "--data", str(hr_dir), "--max-steps", "1",
+                      "--output-dir", str(out), "--set", "train.batch_size=1"]) == 0
+    checkpoint = load_checkpoint(out / "model.safetensors")
+    assert checkpoint.method == "tsdsr" and checkpoint.base_family == "sd3" and checkpoint.timestep == 1000
+    assert checkpoint.base_configs["transformer"]["patch_size"] == 2 and checkpoint.defaults.tile_size == 64
+    assert not (out / "model_kohya_unet_lora.safetensors").exists()
