@@ -188,18 +188,22 @@ class OneStepGenerator(torch.nn.Module):
         sample: bool = False,
         generator: torch.Generator | None = None,
         tile_size: int | None = None,
+        tile_store: str = "ram",
         progress: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Model latents ``(B, C, H/f, W/f)``, already multiplied by the scaling factor.
 
         ``sample=False`` takes the posterior mode (deterministic); ``sample=True`` draws from it with ``generator``,
         as the official OSEDiff and TSD-SR scripts do (unseeded there). ``tile_size`` (pixels) enables the tiled
-        encoder (see ``tiled_vae.py``) for images larger than one tile.
+        encoder (see ``tiled_vae.py``) for images larger than one tile; ``tile_store`` (``ram`` or ``disk``) is
+        where its tiles wait between GroupNorm stages.
         """
         if self._vae_tiles("encoder", *image.shape[-2:], tile_size) > 1:
             steps = encoder_steps(self.vae)
             ratio = 1 / self.vae_scale_factor
-            moments = tiled_vae_apply(steps, image.to(self.vae_dtype), tile_size, ENCODER_TILE_PADDING, ratio, progress)
+            moments = tiled_vae_apply(
+                steps, image.to(self.vae_dtype), tile_size, ENCODER_TILE_PADDING, ratio, progress, store=tile_store
+            )
         else:
             moments = self.encode_moments(image)
             _tick(progress)
@@ -212,14 +216,17 @@ class OneStepGenerator(torch.nn.Module):
         latents: torch.Tensor,
         *,
         tile_size: int | None = None,
+        tile_store: str = "ram",
         progress: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Image ``(B, 3, fH, fW)`` in [-1, 1] (clamped) from model latents; ``tile_size`` (latent pixels) enables
-        the tiled decoder for latents larger than one tile."""
+        the tiled decoder for latents larger than one tile, whose tiles wait in ``tile_store`` (as :meth:`encode`)."""
         unscaled = latents.to(self.vae_dtype) / self.latent_scaling_factor
         if self._vae_tiles("decoder", *latents.shape[-2:], tile_size) > 1:
             steps = decoder_steps(self.vae)
-            image = tiled_vae_apply(steps, unscaled, tile_size, DECODER_TILE_PADDING, self.vae_scale_factor, progress)
+            image = tiled_vae_apply(
+                steps, unscaled, tile_size, DECODER_TILE_PADDING, self.vae_scale_factor, progress, store=tile_store
+            )
         else:
             image = self.vae.decode(unscaled).sample
             _tick(progress)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from .color import COLOR_FIXES
+from .tiled_vae import TILE_STORES
 
 UPSAMPLERS = ("pil_bicubic", "torch_bicubic")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -26,6 +27,8 @@ class UpscaleOptions:
         vae_encoder_tile_size: encoder tiles in image pixels; vae_decoder_tile_size: decoder tiles in latent
             pixels; 0 turns VAE tiling off.
         tile_batch_size: latent tiles sent through the denoiser together.
+        vae_tile_store: where the tiled VAE keeps every tile's activations between GroupNorm stages: ``ram``, or
+            ``disk`` (a temporary folder), which bounds memory by one tile at any image size, still exact.
         color_fix: ``wavelet``, ``adain`` or ``none``.
         color_source: what the colours are taken from: ``upsampled`` (the pre-upsampled input, as OSEDiff) or
             ``input`` (as TSD-SR: the input itself for AdaIN, its PIL-bicubic upsampling for the wavelet fix).
@@ -41,6 +44,7 @@ class UpscaleOptions:
     vae_encoder_tile_size: int = 1024
     vae_decoder_tile_size: int = 224
     tile_batch_size: int = 1
+    vae_tile_store: str = "ram"
     color_fix: str = "adain"
     color_source: str = "upsampled"
     vae_sample: str = "mode"
@@ -59,6 +63,7 @@ class UpscaleOptions:
             (self.vae_decoder_tile_size == 0 or self.vae_decoder_tile_size >= 8,
              "vae_decoder_tile_size", "0 (off) or at least 8 latent pixels"),
             (self.tile_batch_size >= 1, "tile_batch_size", "at least 1"),
+            (self.vae_tile_store in TILE_STORES, "vae_tile_store", f"one of {TILE_STORES}"),
             (self.color_fix in COLOR_FIXES, "color_fix", f"one of {COLOR_FIXES}"),
             (self.color_source in COLOR_SOURCES, "color_source", f"one of {COLOR_SOURCES}"),
             (self.vae_sample in VAE_SAMPLE_MODES, "vae_sample", f"one of {VAE_SAMPLE_MODES}"),

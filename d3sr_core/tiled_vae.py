@@ -5,8 +5,10 @@ Tiling a VAE naively gives every tile its own GroupNorm statistics, hence its ow
 in lockstep through the network, cut at each GroupNorm (as the "Tiled VAE" of multidiffusion-upscaler, which
 OSEDiff uses, does): every tile runs up to the next GroupNorm, reports the mean and variance of the part of its
 activation that it owns (its core, without padding), the per-tile parts are combined into the statistics of the
-whole feature map, and every tile continues with those. Between steps a tile's activations are parked (on the
-CPU when running on an accelerator), so device memory is bounded by one tile while host memory holds the image.
+whole feature map, and every tile continues with those. Between steps a tile's activations are parked: in host
+memory (``store="ram"``; on an accelerator device memory is then bounded by one tile, host memory holds the image)
+or in a temporary folder on disk (``store="disk"``), so that memory is bounded by one tile at any image size and the
+result stays exact; the price is writing and reading every stage's activations once.
 
 What still differs from an untiled pass: each tile sees only ``padding`` pixels of context, and the VAE's
 mid-block self-attention attends within a tile. Padding of 32 image pixels (encoder) and 11 latent pixels
@@ -16,9 +18,13 @@ mid-block self-attention attends within a tile. Padding of 32 image pixels (enco
 from __future__ import annotations
 
 import math
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -157,14 +163,56 @@ def count_vae_tiles(height: int, width: int, tile: int, padding: int) -> int:
     return math.ceil(height / tile) * math.ceil(width / tile)
 
 
+TILE_STORES = ("ram", "disk")
+
+
 @dataclass
 class _Tile:
     region: tuple[int, int, int, int]
     """Padded input region ``(y0, y1, x0, x1)``."""
     core: tuple[int, int, int, int]
     """The part this tile owns, in its own input coordinates."""
-    x: torch.Tensor
-    residual: torch.Tensor | None = None
+    x: object = None
+    """The parked activation (``None`` before the first stage: the input region itself)."""
+    residual: object = None
+
+
+@dataclass
+class _OnDisk:
+    path: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class _Store:
+    """Parks tensors between lockstep stages: on the CPU, or as raw bytes in ``folder`` (bit-exact, any dtype)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+
+    def put(self, name: str, tensor: torch.Tensor):
+        if self.folder is None:
+            return tensor.to("cpu")
+        path = self.folder / f"{name}.bin"
+        tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tofile(path)
+        return _OnDisk(path, tuple(tensor.shape), tensor.dtype)
+
+    def take(self, parked, device: torch.device) -> torch.Tensor:
+        if not isinstance(parked, _OnDisk):
+            return parked.to(device)
+        raw = torch.from_numpy(np.fromfile(parked.path, dtype=np.uint8))
+        return raw.view(parked.dtype).reshape(parked.shape).to(device)
+
+
+@contextmanager
+def _store(kind: str) -> Iterator[_Store]:
+    if kind not in TILE_STORES:
+        raise ValueError(f"store {kind!r} is not one of {TILE_STORES}.")
+    if kind == "ram":
+        yield _Store(None)
+        return
+    with tempfile.TemporaryDirectory(prefix="d3sr-vae-tiles-") as folder:
+        yield _Store(Path(folder))
 
 
 def _core_of(x: torch.Tensor, tile: _Tile) -> torch.Tensor:
@@ -196,24 +244,23 @@ def tiled_vae_apply(
     padding: int,
     ratio: float,
     progress: Callable[[], None] | None = None,
+    store: str = "ram",
 ) -> torch.Tensor:
     """Run ``steps`` (from :func:`encoder_steps` or :func:`decoder_steps`) on ``x`` ``(B, C, H, W)`` tile by tile.
 
     ``tile`` and ``padding`` are in units of ``x``; ``ratio`` is output size / input size (1/8 for the SD
-    encoder, 8 for the decoder). ``progress`` is called once per tile per GroupNorm stage
-    (``count_vae_tiles * (count_norms(steps) + 1)`` calls in all).
+    encoder, 8 for the decoder). ``store`` is where tiles wait between stages (``ram`` or ``disk``, see the module
+    doc). ``progress`` is called once per tile per GroupNorm stage (``count_vae_tiles * (count_norms(steps) + 1)``
+    calls in all).
     """
     height, width = x.shape[-2:]
     unit = max(1, round(1 / ratio))
-    park = torch.device("cpu")
     tiles = []
     for y0, y1 in tile_bounds(height, tile, unit):
         for x0, x1 in tile_bounds(width, tile, unit):
             py0, py1 = max(0, y0 - padding), min(height, y1 + padding)
             px0, px1 = max(0, x0 - padding), min(width, x1 + padding)
-            region = (py0, py1, px0, px1)
-            core = (y0 - py0, y1 - py0, x0 - px0, x1 - px0)
-            tiles.append(_Tile(region, core, x[..., py0:py1, px0:px1].to(park)))
+            tiles.append(_Tile((py0, py1, px0, px1), (y0 - py0, y1 - py0, x0 - px0, x1 - px0)))
     segments: list[list[Step]] = [[]]
     norms: list[torch.nn.GroupNorm] = []
     for kind, arg in steps:
@@ -222,34 +269,43 @@ def tiled_vae_apply(
             segments.append([])
         else:
             segments[-1].append((kind, arg))
-    stats = None
-    for index, segment in enumerate(segments):
-        following = norms[index] if index < len(norms) else None
-        parts = []
-        for t in tiles:
-            h = t.x.to(x.device)
-            if t.residual is not None:
-                t.residual = t.residual.to(x.device)
-            if index > 0:
-                h = group_norm_with_stats(norms[index - 1], h, *stats)
-            h = _run(segment, t, h)
+    with _store(store) as parking:
+        stats = None
+        for index, segment in enumerate(segments):
+            following = norms[index] if index < len(norms) else None
+            parts = []
+            for number, t in enumerate(tiles):
+                if t.x is None:
+                    py0, py1, px0, px1 = t.region
+                    h = x[..., py0:py1, px0:px1]
+                else:
+                    h = parking.take(t.x, x.device)
+                if t.residual is not None:
+                    t.residual = parking.take(t.residual, x.device)
+                if index > 0:
+                    h = group_norm_with_stats(norms[index - 1], h, *stats)
+                h = _run(segment, t, h)
+                if following is not None:
+                    core = _core_of(h, t)
+                    parts.append((core[0].numel(), *group_moments(core, following.num_groups)))
+                t.x = parking.put(f"{number}.x", h)
+                if t.residual is not None:
+                    t.residual = parking.put(f"{number}.residual", t.residual)
+                del h
+                if progress is not None:
+                    progress()
             if following is not None:
-                core = _core_of(h, t)
-                parts.append((core[0].numel(), *group_moments(core, following.num_groups)))
-            t.x = h.to(park)
-            if t.residual is not None:
-                t.residual = t.residual.to(park)
-            if progress is not None:
-                progress()
-        if following is not None:
-            stats = combine_moments(parts)
-    out = None
-    for t in tiles:
-        if out is None:
-            out = torch.empty(*t.x.shape[:2], round(height * ratio), round(width * ratio), dtype=t.x.dtype, device=x.device)
-        py0, _, px0, _ = t.region
-        y0, y1, x0, x1 = t.core
-        oy, ox = round((py0 + y0) * ratio), round((px0 + x0) * ratio)
-        h, w = round((y1 - y0) * ratio), round((x1 - x0) * ratio)
-        out[..., oy : oy + h, ox : ox + w] = t.x[..., round(y0 * ratio) : round(y0 * ratio) + h, round(x0 * ratio) : round(x0 * ratio) + w].to(x.device)
+                stats = combine_moments(parts)
+        out = None
+        for t in tiles:
+            h = parking.take(t.x, x.device)
+            if out is None:
+                out = torch.empty(*h.shape[:2], round(height * ratio), round(width * ratio), dtype=h.dtype, device=x.device)
+            py0, _, px0, _ = t.region
+            y0, y1, x0, x1 = t.core
+            oy, ox = round((py0 + y0) * ratio), round((px0 + x0) * ratio)
+            size_y, size_x = round((y1 - y0) * ratio), round((x1 - x0) * ratio)
+            out[..., oy : oy + size_y, ox : ox + size_x] = h[
+                ..., round(y0 * ratio) : round(y0 * ratio) + size_y, round(x0 * ratio) : round(x0 * ratio) + size_x
+            ]
     return out
