@@ -13,6 +13,10 @@ own attention-only LoRA "reg", trained by its own optimizer at its own learning 
 2. fake score: ``0.5 * mean(w * (x0_pred - z_hat)^2)`` on ``z_hat.detach()`` noised at a level drawn per sample,
    ``x0_pred = z_t - sigma * v_reg`` and ``w = sigmoid(n)``, ``n ~ N(0, 1)`` (the official "logit_normal" weight),
    drawn per sample.
+
+Where this differs from the official run: teacher and fake score see the run's one prompt embedding
+(``model.prompt_embeddings``), not per-image captions (DAPE tags or LLaVA captions), and the fake score's noise
+level and weight are drawn per sample rather than once per batch.
 """
 
 from __future__ import annotations
