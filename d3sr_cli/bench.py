@@ -127,12 +127,19 @@ class BenchPath:
 
 
 def run_bench(arch: str, sizes: list[int], scale: int, repeats: int, device: torch.device, dtype: str,
-              warmup: int = 1, progress=print) -> dict:
-    """Median seconds and peak memory per image for both paths at each input size, and their ratios."""
+              warmup: int = 1, progress=print, winograd: bool = False) -> dict:
+    """Median seconds and peak memory per image for both paths at each input size, and their ratios.
+
+    ``winograd`` runs our path's large 3x3 convolutions with NNPACK's Winograd algorithm (CPU, fp32); the reference
+    path always runs PyTorch's default kernels."""
     osediff = PRESETS["osediff"].updated(scale=scale, min_process_side=0)
     paths = [
         BenchPath("reference", Upscaler(osediff_shaped_generator(arch, merge=False), device=device, dtype="fp32"), osediff),
-        BenchPath("ours", Upscaler(osediff_shaped_generator(arch, merge=True), device=device, dtype=dtype), osediff),
+        BenchPath(
+            "ours",
+            Upscaler(osediff_shaped_generator(arch, merge=True), device=device, dtype=dtype, winograd=winograd),
+            osediff,
+        ),
     ]
     results = []
     for size in sizes:
@@ -166,7 +173,8 @@ def run_bench(arch: str, sizes: list[int], scale: int, repeats: int, device: tor
             "memory_ratio": ours["peak_mib"] / max(ref["peak_mib"], 1e-9),
         })
     return {
-        "arch": arch, "device": str(device), "dtype": dtype, "scale": scale, "repeats": repeats, "warmup": warmup,
+        "arch": arch, "device": str(device), "dtype": dtype, "winograd": winograd, "scale": scale, "repeats": repeats,
+        "warmup": warmup,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results, "ratios": ratios,
     }
 

@@ -6,6 +6,7 @@ or 4 (RGBA). Hosts convert their own layouts at their edge.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import numpy as np
@@ -16,6 +17,7 @@ from PIL import Image
 from .color import apply_color_fix
 from .generator import OneStepGenerator
 from .options import UpscaleOptions, halved_tiles
+from .winograd import WinogradConvolutions, nnpack_available
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 """What a device out of memory raises (``torch.OutOfMemoryError`` from torch 2.5 on)."""
@@ -85,11 +87,28 @@ class Upscaler:
         generator: a built :class:`OneStepGenerator` (see ``checkpoints.build_generator``).
         device: where to run.
         dtype: ``auto``, ``fp32``, ``fp16`` or ``bf16`` (see :func:`resolve_dtypes`).
+        winograd: run the large 3x3 convolutions with NNPACK's Winograd algorithm (see ``winograd.py``): SD 2.1 at
+            512 px is about 1.6x as fast on the CPU, equal to the default kernels up to rounding. CPU and fp32 only.
     """
 
-    def __init__(self, generator: OneStepGenerator, *, device: str | torch.device = "cpu", dtype: str = "auto"):
+    def __init__(
+        self,
+        generator: OneStepGenerator,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str = "auto",
+        winograd: bool = False,
+    ):
         self.device = torch.device(device)
         denoiser_dtype, vae_dtype = resolve_dtypes(dtype, self.device)
+        if winograd:
+            if self.device.type != "cpu":
+                raise ValueError(f"winograd=True speeds up CPU convolutions only; device is {self.device}.")
+            if (denoiser_dtype, vae_dtype) != (torch.float32, torch.float32):
+                raise ValueError(f"winograd=True computes in float32 only; dtype is {dtype!r}, use 'fp32' or 'auto'.")
+            if not nnpack_available():
+                raise ValueError("winograd=True needs NNPACK, which this torch build or CPU does not provide.")
+        self.winograd = winograd
         self.generator = generator
         for module, dtype in ((generator.denoiser, denoiser_dtype), (generator.vae, vae_dtype)):
             first = next(module.parameters())
@@ -186,21 +205,22 @@ class Upscaler:
 
         g = self.generator
         seeded = torch.Generator(self.device).manual_seed(options.seed) if options.seed is not None else None
-        latents = g.encode(
-            lq,
-            sample=options.vae_sample == "sample",
-            generator=seeded,
-            tile_size=options.vae_encoder_tile_size or None,
-            progress=tick,
-        )
-        x0 = g.denoise(
-            latents,
-            tile_size=options.tile_size or None,
-            tile_overlap=options.tile_overlap,
-            tile_batch_size=options.tile_batch_size,
-            progress=tick,
-        )
-        decoded = g.decode(x0, tile_size=options.vae_decoder_tile_size or None, progress=tick)
+        with WinogradConvolutions() if self.winograd else contextlib.nullcontext():
+            latents = g.encode(
+                lq,
+                sample=options.vae_sample == "sample",
+                generator=seeded,
+                tile_size=options.vae_encoder_tile_size or None,
+                progress=tick,
+            )
+            x0 = g.denoise(
+                latents,
+                tile_size=options.tile_size or None,
+                tile_overlap=options.tile_overlap,
+                tile_batch_size=options.tile_batch_size,
+                progress=tick,
+            )
+            decoded = g.decode(x0, tile_size=options.vae_decoder_tile_size or None, progress=tick)
         if not torch.isfinite(decoded).all():
             raise ValueError("the model produced NaN or infinite values; try dtype fp32 or bf16.")
         return ((decoded + 1) / 2)[..., :height, :width].float()

@@ -1,4 +1,5 @@
-"""``d3sr eval`` against independent PSNR/SSIM computations, and ``d3sr bench`` on the tiny architecture."""
+"""``d3sr eval`` against independent PSNR/SSIM computations, and ``d3sr bench`` on the tiny architecture, with and
+without Winograd convolutions."""
 
 import json
 import math
@@ -9,8 +10,12 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
+from d3sr_cli.bench import osediff_shaped_generator
 from d3sr_cli.main import main as d3sr
 from d3sr_core.metrics import psnr_y, ssim_y
+from d3sr_core.options import PRESETS
+from d3sr_core.pipeline import Upscaler
+from d3sr_core.winograd import nnpack_available
 
 
 def numpy_y(rgb: np.ndarray) -> np.ndarray:
@@ -107,3 +112,40 @@ def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):
     assert all(r["median_seconds"] > 0 and len(r["seconds"]) == 1 for r in report["results"])
     assert Image.open(tmp_path / "b.png").size == (900, 380)
     assert "as fast" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not nnpack_available(), reason="this torch build has no NNPACK")
+def test_winograd_path_gives_the_default_image_with_the_same_progress(monkeypatch):
+    nnpack_runs = []
+    real = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a, **k: nnpack_runs.append(1) or real(*a, **k))
+    generator = osediff_shaped_generator("tiny", merge=True)
+    # 32 px -> 128 px, decoded in tiles of 8 latents and denoised in latent tiles of 8, so tiling runs too.
+    options = PRESETS["osediff"].updated(min_process_side=0, vae_decoder_tile_size=8, tile_size=8, tile_overlap=2)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    results, steps = {}, {}
+    for winograd in (False, True):
+        upscaler = Upscaler(generator, device="cpu", dtype="fp32", winograd=winograd)
+        steps[winograd] = []
+        results[winograd] = upscaler.upscale(image, options, lambda done, total: steps[winograd].append((done, total)))
+        assert bool(nnpack_runs) == winograd
+    assert results[True].shape == (1, 3, 128, 128)
+    torch.testing.assert_close(results[True], results[False], rtol=0, atol=1e-4)
+    assert steps[True] == steps[False] and steps[True][-1][0] == steps[True][-1][1] > 3
+
+
+def test_winograd_refuses_other_devices_and_precisions():
+    generator = osediff_shaped_generator("tiny", merge=True)
+    with pytest.raises(ValueError, match="CPU convolutions only; device is cuda"):
+        Upscaler(generator, device="cuda", dtype="fp32", winograd=True)
+    with pytest.raises(ValueError, match="float32 only; dtype is 'bf16'"):
+        Upscaler(generator, device="cpu", dtype="bf16", winograd=True)
+
+
+@pytest.mark.skipif(not nnpack_available(), reason="this torch build has no NNPACK")
+def test_bench_records_winograd(tmp_path):
+    args = ["bench", "--arch", "tiny", "--sizes", "16", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+            "--winograd", "--json", str(tmp_path / "b.json")]
+    assert d3sr(args) == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["winograd"] is True and len(report["results"]) == 2
