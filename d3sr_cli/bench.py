@@ -119,27 +119,60 @@ class PeakMemory:
         return False
 
 
+STAGES = ("encode", "denoise", "decode")
+
+
+class StagePeaks:
+    """Records the peak memory of each stage of a generator (``encode``, ``denoise``, ``decode``) above the level at
+    the stage's start, by wrapping the generator's own methods (its maximum over the calls since :meth:`reset`)."""
+
+    def __init__(self, generator, device: torch.device):
+        self.peak_bytes: dict[str, int] = {}
+        for stage in STAGES:
+            setattr(generator, stage, self._measured(stage, getattr(generator, stage), device))
+
+    def _measured(self, stage: str, run, device: torch.device):
+        def measured(*args, **kwargs):
+            with PeakMemory(device) as memory:
+                result = run(*args, **kwargs)
+            self.peak_bytes[stage] = max(self.peak_bytes.get(stage, 0), memory.peak_bytes)
+            return result
+
+        return measured
+
+    def reset(self) -> None:
+        self.peak_bytes = {}
+
+
 @dataclass
 class BenchPath:
     name: str
     upscaler: Upscaler
     options: UpscaleOptions
 
+    def __post_init__(self):
+        self.stages = StagePeaks(self.upscaler.generator, self.upscaler.device)
+
 
 def run_bench(arch: str, sizes: list[int], scale: int, repeats: int, device: torch.device, dtype: str,
-              warmup: int = 1, progress=print, winograd: bool = False) -> dict:
-    """Median seconds and peak memory per image for both paths at each input size, and their ratios.
+              warmup: int = 1, progress=print, winograd: bool | None = None, tiles: tuple[int, int, int] | None = None,
+              vae_tile_store: str = "ram") -> dict:
+    """Median seconds and peak memory per image (whole and per stage) for both paths at each input size, and
+    their ratios.
 
-    ``winograd`` runs our path's large 3x3 convolutions with NNPACK's Winograd algorithm (CPU, fp32); the reference
-    path always runs PyTorch's default kernels."""
+    The reference path runs OSEDiff's tiling and PyTorch's default kernels. Our path: ``winograd`` (``None``:
+    wherever it applies, see ``Upscaler``), ``tiles`` = ``(latent, VAE encoder, VAE decoder)`` tile sizes instead
+    of OSEDiff's, and ``vae_tile_store``."""
     osediff = PRESETS["osediff"].updated(scale=scale, min_process_side=0)
+    ours = osediff.updated(vae_tile_store=vae_tile_store)
+    if tiles is not None:
+        ours = ours.updated(tile_size=tiles[0], tile_overlap=min(ours.tile_overlap, max(0, tiles[0] - 1)),
+                            vae_encoder_tile_size=tiles[1], vae_decoder_tile_size=tiles[2])
+    ours_upscaler = Upscaler(osediff_shaped_generator(arch, merge=True), device=device, dtype=dtype, winograd=winograd)
     paths = [
-        BenchPath("reference", Upscaler(osediff_shaped_generator(arch, merge=False), device=device, dtype="fp32"), osediff),
-        BenchPath(
-            "ours",
-            Upscaler(osediff_shaped_generator(arch, merge=True), device=device, dtype=dtype, winograd=winograd),
-            osediff,
-        ),
+        BenchPath("reference", Upscaler(osediff_shaped_generator(arch, merge=False), device=device, dtype="fp32",
+                                        winograd=False), osediff),
+        BenchPath("ours", ours_upscaler, ours),
     ]
     results = []
     for size in sizes:
@@ -148,6 +181,8 @@ def run_bench(arch: str, sizes: list[int], scale: int, repeats: int, device: tor
         for _ in range(warmup):  # not timed
             for p in paths:
                 p.upscaler.upscale(image, p.options)
+        for p in paths:
+            p.stages.reset()
         for repeat in range(repeats):
             for p in paths if repeat % 2 == 0 else reversed(paths):
                 with PeakMemory(device) as memory:
@@ -159,24 +194,42 @@ def run_bench(arch: str, sizes: list[int], scale: int, repeats: int, device: tor
                 samples[p.name]["seconds"].append(seconds)
                 samples[p.name]["peak_bytes"].append(memory.peak_bytes)
                 progress(f"{size}px -> {size * scale}px  {p.name:9s}  {seconds:7.2f} s  peak {memory.peak_bytes / 2**20:8.1f} MiB")
-        for name, s in samples.items():
+        for p in paths:
+            s = samples[p.name]
             results.append({
-                "input_size": size, "output_size": size * scale, "path": name, "seconds": s["seconds"],
+                "input_size": size, "output_size": size * scale, "path": p.name, "seconds": s["seconds"],
                 "median_seconds": statistics.median(s["seconds"]), "peak_mib": max(s["peak_bytes"]) / 2**20,
+                "stage_peak_mib": {k: v / 2**20 for k, v in p.stages.peak_bytes.items()},
             })
     ratios = []
     for size in sizes:
-        ref, ours = (next(r for r in results if r["input_size"] == size and r["path"] == n) for n in ("reference", "ours"))
+        ref, ours_result = (next(r for r in results if r["input_size"] == size and r["path"] == n) for n in ("reference", "ours"))
         ratios.append({
             "input_size": size,
-            "speedup": ref["median_seconds"] / ours["median_seconds"],
-            "memory_ratio": ours["peak_mib"] / max(ref["peak_mib"], 1e-9),
+            "speedup": ref["median_seconds"] / ours_result["median_seconds"],
+            "memory_ratio": ours_result["peak_mib"] / max(ref["peak_mib"], 1e-9),
         })
     return {
-        "arch": arch, "device": str(device), "dtype": dtype, "winograd": winograd, "scale": scale, "repeats": repeats,
-        "warmup": warmup,
+        "arch": arch, "device": str(device), "dtype": dtype, "winograd": ours_upscaler.winograd, "scale": scale,
+        "repeats": repeats, "warmup": warmup, "ours_options": ours.to_json(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results, "ratios": ratios,
+        "memory_growth": memory_growth(results),
     }
+
+
+def memory_growth(results: list[dict]) -> list[dict]:
+    """Each path's peak per stage (and whole) at every size as a multiple of its peak at the smallest size."""
+    growth = []
+    for name in ("reference", "ours"):
+        rows = sorted((r for r in results if r["path"] == name), key=lambda r: r["input_size"])
+        first = rows[0]
+        for row in rows[1:]:
+            entry = {"path": name, "input_size": row["input_size"], "versus_input_size": first["input_size"],
+                     "whole": row["peak_mib"] / max(first["peak_mib"], 1e-9)}
+            for stage in STAGES:
+                entry[stage] = row["stage_peak_mib"].get(stage, 0) / max(first["stage_peak_mib"].get(stage, 0), 1e-9)
+            growth.append(entry)
+    return growth
 
 
 def plot(report: dict, path: str | os.PathLike) -> Path:

@@ -11,14 +11,15 @@ from d3sr_core.color import COLOR_FIXES
 from d3sr_core.files import ModelFileError
 from d3sr_core.image_io import IMAGE_SUFFIXES, ImageFileError
 from d3sr_core.metrics import ALL_METRICS
-from d3sr_core.options import DTYPES, UPSAMPLERS, VAE_SAMPLE_MODES
+from d3sr_core.options import DTYPES, UPSAMPLERS, VAE_SAMPLE_MODES, vae_tile_sizes
+from d3sr_core.tiled_vae import TILE_STORES
 
 from .train import add_train
 
 
 WINOGRAD_HELP = (
     "run the large 3x3 convolutions with NNPACK's Winograd algorithm: about 1.6x faster on the CPU, equal up to "
-    "rounding (CPU and fp32 only)"
+    "rounding (default: on wherever it applies, CPU and fp32)"
 )
 
 
@@ -44,7 +45,7 @@ def _add_upscale(sub) -> None:
     p.add_argument("--tile-size", type=int, help="latent tile size in latent pixels; 0 disables latent tiling")
     p.add_argument("--tile-overlap", type=int, help="latent tile overlap in latent pixels")
     p.add_argument(
-        "--vae-tile-size", type=int, help="VAE tile size in image pixels (decoder tiles are this / 8 latents); 0 disables"
+        "--vae-tile-size", type=int, help="VAE tile size in image pixels (decoder tiles cover as many); 0 disables"
     )
     p.add_argument("--tile-batch-size", type=int, help="latent tiles per denoiser call")
     p.add_argument("--color-fix", choices=COLOR_FIXES, help="colour correction toward the input (default: the method's)")
@@ -54,7 +55,9 @@ def _add_upscale(sub) -> None:
     p.add_argument("--prompt", help="text prompt (default: the embedding stored in the model, else empty)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     p.add_argument("--no-merge-lora", action="store_true", help="keep LoRA unmerged (slower; for debugging)")
-    p.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
+    p.add_argument("--winograd", action=argparse.BooleanOptionalAction, help=WINOGRAD_HELP)
+    p.add_argument("--vae-tile-store", choices=TILE_STORES,
+                   help="where VAE tiles wait between GroupNorm stages: ram, or disk (memory bounded by one tile, same result)")
     p.set_defaults(run=run_upscale)
 
 
@@ -126,7 +129,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per path and size first")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="our path's precision (the reference runs fp32)")
-    p.add_argument("--winograd", action="store_true", help=f"our path only: {WINOGRAD_HELP}")
+    p.add_argument("--winograd", action=argparse.BooleanOptionalAction, help=f"our path only: {WINOGRAD_HELP}")
+    p.add_argument("--tiles", type=int, nargs=3, metavar=("LATENT", "ENCODER", "DECODER"),
+                   help="our path's tile sizes (latent pixels, image pixels, latent pixels) instead of OSEDiff's")
+    p.add_argument("--vae-tile-store", choices=TILE_STORES, default="ram", help="our path's VAE tile store (ram or disk)")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--plot", help="write a PNG of time and peak memory against output megapixels")
     p.set_defaults(run=run_bench)
@@ -137,9 +143,14 @@ def run_bench(args: argparse.Namespace) -> int:
     from d3sr_core.files import atomic_output
 
     device = _device(args.device)
-    report = bench(args.arch, args.sizes, args.scale, args.repeats, device, args.dtype, args.warmup, winograd=args.winograd)
+    report = bench(args.arch, args.sizes, args.scale, args.repeats, device, args.dtype, args.warmup, winograd=args.winograd,
+                   tiles=tuple(args.tiles) if args.tiles else None, vae_tile_store=args.vae_tile_store)
     for ratio in report["ratios"]:
         print(f"{ratio['input_size']}px: ours is {ratio['speedup']:.2f}x as fast, at {ratio['memory_ratio']:.2f}x the peak memory")
+    for g in report["memory_growth"]:
+        stages = ", ".join(f"{stage} {g[stage]:.2f}x" for stage in ("encode", "denoise", "decode"))
+        print(f"{g['path']}: peak memory at {g['input_size']}px is {g['whole']:.2f}x that at {g['versus_input_size']}px "
+              f"({stages})")
     if args.json:
         with atomic_output(args.json) as tmp:
             tmp.write_text(json.dumps(report, indent=2))
@@ -212,18 +223,17 @@ def run_upscale(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         merge_lora=not args.no_merge_lora,
     )
-    vae_tile = args.vae_tile_size
     options = loaded.defaults.updated(
         scale=args.scale,
         upsample=args.upsample,
         tile_size=args.tile_size,
         tile_overlap=args.tile_overlap,
-        vae_encoder_tile_size=vae_tile,
-        vae_decoder_tile_size=None if vae_tile is None else vae_tile // 8,
+        **vae_tile_sizes(args.vae_tile_size, loaded.generator.vae_scale_factor),
         tile_batch_size=args.tile_batch_size,
         color_fix=args.color_fix,
         vae_sample=args.vae_sample,
         seed=args.seed,
+        vae_tile_store=args.vae_tile_store,
     )
     upscaler = Upscaler(loaded.generator, device=device, dtype=args.dtype, winograd=args.winograd)
     failures = 0

@@ -230,7 +230,7 @@ class OneStepGenerator(torch.nn.Module):
         else:
             image = self.vae.decode(unscaled).sample
             _tick(progress)
-        return image.float().clamp(-1, 1)
+        return image.float().clamp_(-1, 1)  # in place: at 2048 px a copy is 48 MiB more at the stage's peak
 
     def predict(self, latents: torch.Tensor) -> torch.Tensor:
         """The denoiser's output at the generator's timestep for latents ``(B, C, h, w)``; float32 ``(B, C, h, w)``."""

@@ -97,6 +97,15 @@ PRESETS = {
 }
 
 
+def vae_tile_sizes(pixels: int | None, vae_scale_factor: int) -> dict[str, int | None]:
+    """``vae_encoder_tile_size`` and ``vae_decoder_tile_size`` for one VAE tile side in image pixels, the decoder's
+    tile covering as many image pixels (``pixels / vae_scale_factor`` latents): ``None`` leaves both as they are,
+    0 turns VAE tiling off."""
+    if pixels is None:
+        return {"vae_encoder_tile_size": None, "vae_decoder_tile_size": None}
+    return {"vae_encoder_tile_size": pixels, "vae_decoder_tile_size": pixels // vae_scale_factor}
+
+
 MIN_TILE_SIZE = 16
 MIN_VAE_ENCODER_TILE_SIZE = 256
 MIN_VAE_DECODER_TILE_SIZE = 32

@@ -88,7 +88,8 @@ class Upscaler:
         device: where to run.
         dtype: ``auto``, ``fp32``, ``fp16`` or ``bf16`` (see :func:`resolve_dtypes`).
         winograd: run the large 3x3 convolutions with NNPACK's Winograd algorithm (see ``winograd.py``): SD 2.1 at
-            512 px is about 1.6x as fast on the CPU, equal to the default kernels up to rounding. CPU and fp32 only.
+            512 px is about 1.6x as fast on the CPU, equal to the default kernels up to rounding. CPU and fp32 only;
+            ``None`` (the default) uses it wherever it applies (CPU, fp32, a torch build with NNPACK).
     """
 
     def __init__(
@@ -97,14 +98,17 @@ class Upscaler:
         *,
         device: str | torch.device = "cpu",
         dtype: str = "auto",
-        winograd: bool = False,
+        winograd: bool | None = None,
     ):
         self.device = torch.device(device)
         denoiser_dtype, vae_dtype = resolve_dtypes(dtype, self.device)
-        if winograd:
+        fp32 = (denoiser_dtype, vae_dtype) == (torch.float32, torch.float32)
+        if winograd is None:
+            winograd = self.device.type == "cpu" and fp32 and nnpack_available()
+        elif winograd:
             if self.device.type != "cpu":
                 raise ValueError(f"winograd=True speeds up CPU convolutions only; device is {self.device}.")
-            if (denoiser_dtype, vae_dtype) != (torch.float32, torch.float32):
+            if not fp32:
                 raise ValueError(f"winograd=True computes in float32 only; dtype is {dtype!r}, use 'fp32' or 'auto'.")
             if not nnpack_available():
                 raise ValueError("winograd=True needs NNPACK, which this torch build or CPU does not provide.")
@@ -211,6 +215,7 @@ class Upscaler:
                 sample=options.vae_sample == "sample",
                 generator=seeded,
                 tile_size=options.vae_encoder_tile_size or None,
+                tile_store=options.vae_tile_store,
                 progress=tick,
             )
             x0 = g.denoise(
@@ -220,7 +225,9 @@ class Upscaler:
                 tile_batch_size=options.tile_batch_size,
                 progress=tick,
             )
-            decoded = g.decode(x0, tile_size=options.vae_decoder_tile_size or None, progress=tick)
+            decoded = g.decode(
+                x0, tile_size=options.vae_decoder_tile_size or None, tile_store=options.vae_tile_store, progress=tick
+            )
         if not torch.isfinite(decoded).all():
             raise ValueError("the model produced NaN or infinite values; try dtype fp32 or bf16.")
         return ((decoded + 1) / 2)[..., :height, :width].float()

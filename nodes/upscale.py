@@ -6,7 +6,7 @@ from comfy.utils import ProgressBar
 from comfy_api.latest import io
 
 from d3sr_core.color import COLOR_FIXES
-from d3sr_core.options import VAE_SAMPLE_MODES
+from d3sr_core.options import VAE_SAMPLE_MODES, vae_tile_sizes
 from d3sr_core.pipeline import Upscaler
 
 from .loader import D3SR_MODEL
@@ -71,8 +71,7 @@ class Upscale(io.ComfyNode):
             scale=scale,
             tile_size=tile_size or None,
             tile_overlap=None if tile_overlap < 0 else tile_overlap,
-            vae_encoder_tile_size=vae_tile_size or None,
-            vae_decoder_tile_size=vae_tile_size // 8 or None,
+            **vae_tile_sizes(vae_tile_size or None, d3sr_model.generator.vae_scale_factor),
             color_fix=None if color_fix == METHOD_DEFAULT else color_fix,
             vae_sample=vae_sample,
             seed=seed,

@@ -151,9 +151,10 @@ def test_export_round_trip_through_d3sr_upscale(hr_dir, tmp_path, capsys):
     in_memory = trainer.method.generator.generator.eval()
     image = read_image(hr_dir / "photo3.png").pixels
     options = checkpoint.defaults.updated(tile_size=0)
-    expected = Upscaler(in_memory).upscale(image[None], options)[0]
+    # Default kernels on both sides: Winograd's rounding differs between merged and unmerged LoRA layers.
+    expected = Upscaler(in_memory, winograd=False).upscale(image[None], options)[0]
     loaded = load_model(exported).generator
-    torch.testing.assert_close(Upscaler(loaded).upscale(image[None], options)[0], expected, rtol=0, atol=2e-5)
+    torch.testing.assert_close(Upscaler(loaded, winograd=False).upscale(image[None], options)[0], expected, rtol=0, atol=2e-5)
 
     assert d3sr_main(["upscale", str(hr_dir / "photo3.png"), "-o", str(tmp_path / "up"), "--model", str(exported), "--tile-size", "0"]) == 0
     written = read_image(tmp_path / "up" / "photo3.png").pixels

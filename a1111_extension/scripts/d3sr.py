@@ -24,6 +24,7 @@ from d3sr_core.checkpoints import embeds_base, peek
 from d3sr_core.color import COLOR_FIXES
 from d3sr_core.image_io import from_pil, to_pil
 from d3sr_core.loading import ModelCache, bundled_models
+from d3sr_core.options import vae_tile_sizes
 from d3sr_core.pipeline import Upscaler as OneStepUpscaler
 
 MODEL_SUFFIXES = (".safetensors", ".pkl", ".pt", ".pth")
@@ -97,8 +98,7 @@ def upscale_image(image: Image.Image, model_path: str, base: str = FROM_SETTINGS
         scale=scale,
         tile_size=tile_size or shared.opts.data.get("d3sr_tile_size") or None,
         tile_overlap=None if tile_overlap < 0 else tile_overlap,
-        vae_encoder_tile_size=shared.opts.data.get("d3sr_vae_tile_size") or None,
-        vae_decoder_tile_size=(shared.opts.data.get("d3sr_vae_tile_size") or 0) // 8 or None,
+        **vae_tile_sizes(shared.opts.data.get("d3sr_vae_tile_size") or None, loaded.generator.vae_scale_factor),
         color_fix=None if color_fix == METHOD_DEFAULT else color_fix,
         seed=int(seed),
     )
