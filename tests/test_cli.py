@@ -223,3 +223,12 @@ def test_output_dir_that_is_a_file_fails_before_any_work(tmp_path, model, tiny_b
     (tmp_path / "taken").write_text("a file")
     assert upscale([tmp_path / "x.png", "-o", tmp_path / "taken"], model, tiny_base_dir) == 2
     assert_one_error(capsys, "--output-dir", "cannot be used")
+
+
+def test_vae_tiles_waiting_on_disk_give_the_same_image(tmp_path, model, tiny_base_dir):
+    """--vae-tile-store disk bounds memory by one tile; the written image equals the in-memory tiling's exactly."""
+    Image.fromarray((photo(40, 56) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    for store in ("ram", "disk"):
+        args = [tmp_path / "in.png", "-o", tmp_path / store, "--vae-tile-size", "64", "--vae-tile-store", store, "--scale", "2"]
+        assert upscale(args, model, tiny_base_dir) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "ram" / "in.png")), np.asarray(Image.open(tmp_path / "disk" / "in.png")))

@@ -111,7 +111,21 @@ def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):
     assert all(r["speedup"] > 0 and r["memory_ratio"] >= 0 for r in report["ratios"])
     assert all(r["median_seconds"] > 0 and len(r["seconds"]) == 1 for r in report["results"])
     assert Image.open(tmp_path / "b.png").size == (900, 380)
-    assert "as fast" in capsys.readouterr().out
+    assert all(set(r["stage_peak_mib"]) == {"encode", "denoise", "decode"} for r in report["results"])
+    assert [(g["path"], g["input_size"], g["versus_input_size"]) for g in report["memory_growth"]] == [
+        ("reference", 24, 16), ("ours", 24, 16)]
+    out = capsys.readouterr().out
+    assert "as fast" in out and "peak memory at 24px" in out
+
+
+def test_bench_runs_our_path_with_its_own_tiles_and_disk_store(tmp_path):
+    args = ["bench", "--arch", "tiny", "--sizes", "64", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+            "--tiles", "16", "64", "8", "--vae-tile-store", "disk", "--no-winograd", "--json", str(tmp_path / "b.json")]
+    assert d3sr(args) == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+    ours = report["ours_options"]
+    assert (ours["tile_size"], ours["vae_encoder_tile_size"], ours["vae_decoder_tile_size"]) == (16, 64, 8)
+    assert ours["vae_tile_store"] == "disk" and report["winograd"] is False
 
 
 @pytest.mark.skipif(not nnpack_available(), reason="this torch build has no NNPACK")
