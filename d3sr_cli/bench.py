@@ -24,6 +24,8 @@ from d3sr_core.lora import AdapterSpec, add_adapters, merge_adapters
 from d3sr_core.options import PRESETS, UpscaleOptions
 from d3sr_core.pipeline import Upscaler
 
+from .host_memory import release_freed_memory
+
 TINY_UNET = {
     "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 32, "attention_head_dim": 8,
@@ -82,7 +84,8 @@ def osediff_shaped_generator(arch: str, merge: bool):
 
 
 class PeakMemory:
-    """Peak memory above the level at entry: the CUDA allocator's on a GPU, resident set size (sampled) on the CPU."""
+    """Peak memory above the level at entry: the CUDA allocator's on a GPU, resident set size (sampled) on the CPU
+    (freed memory handed back to the system first)."""
 
     def __init__(self, device: torch.device):
         self.device, self.peak_bytes = device, 0
@@ -98,6 +101,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
+            release_freed_memory()
             self._start, self._stop = self._rss(), threading.Event()
             self._top = self._start
             self._thread = threading.Thread(target=self._sample, daemon=True)

@@ -14,6 +14,7 @@ from d3sr_core.metrics import ALL_METRICS
 from d3sr_core.options import DTYPES, UPSAMPLERS, VAE_SAMPLE_MODES, vae_tile_sizes
 from d3sr_core.tiled_vae import TILE_STORES
 
+from .host_memory import fix_mmap_threshold
 from .train import add_train
 
 
@@ -57,7 +58,8 @@ def _add_upscale(sub) -> None:
     p.add_argument("--no-merge-lora", action="store_true", help="keep LoRA unmerged (slower; for debugging)")
     p.add_argument("--winograd", action=argparse.BooleanOptionalAction, help=WINOGRAD_HELP)
     p.add_argument("--vae-tile-store", choices=TILE_STORES,
-                   help="where VAE tiles wait between GroupNorm stages: ram, or disk (memory bounded by one tile, same result)")
+                   help="where VAE tiles wait between GroupNorm stages: ram, or disk (memory bounded by one tile, same "
+                   "result; also keeps glibc from holding on to freed tile memory)")
     p.set_defaults(run=run_upscale)
 
 
@@ -142,6 +144,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from d3sr_cli.bench import plot, run_bench as bench
     from d3sr_core.files import atomic_output
 
+    fix_mmap_threshold()  # resident memory then follows what the paths hold, not what glibc kept of it
     device = _device(args.device)
     report = bench(args.arch, args.sizes, args.scale, args.repeats, device, args.dtype, args.warmup, winograd=args.winograd,
                    tiles=tuple(args.tiles) if args.tiles else None, vae_tile_store=args.vae_tile_store)
@@ -195,6 +198,8 @@ def run_upscale(args: argparse.Namespace) -> int:
     from d3sr_core.loading import load_model
     from d3sr_core.pipeline import Upscaler
 
+    if args.vae_tile_store == "disk":
+        fix_mmap_threshold()  # the memory that disk-parked tiles save must also leave the process
     files = list_images(args.inputs)
     if not files:
         raise CommandError(f"no image files found in {', '.join(args.inputs)}.")

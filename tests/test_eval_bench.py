@@ -163,3 +163,27 @@ def test_bench_records_winograd(tmp_path):
     assert d3sr(args) == 0
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["winograd"] is True and len(report["results"]) == 2
+
+
+def test_fixed_mmap_threshold_hands_freed_blocks_back(tmp_path):
+    """In a fresh process: after a 16 MiB block is freed, glibc's dynamic threshold keeps the next 8 MiB blocks in
+    its heap; with the threshold fixed they are mapped and unmapped, so resident memory falls back after each."""
+    import subprocess
+    import sys
+
+    child = (
+        "import ctypes, sys; from d3sr_cli.host_memory import fix_mmap_threshold\n"
+        "fixed = sys.argv[1] == 'fixed' and fix_mmap_threshold()\n"
+        "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1])\n"
+        "libc.free(libc.malloc(16 << 20))\n"
+        "start = rss(); blocks = [libc.malloc(8 << 20) for _ in range(16)]\n"
+        "for b in blocks: ctypes.memset(b, 1, 8 << 20)\n"
+        "for b in blocks[::2]: libc.free(b)\n"
+        "print(rss() - start)\n"
+    )
+    pages = {mode: int(subprocess.run([sys.executable, "-c", child, mode], capture_output=True, text=True, check=True).stdout)
+             for mode in ("fixed", "dynamic")}
+    eight_mib_pages = (8 << 20) // 4096
+    assert pages["fixed"] <= 8.5 * eight_mib_pages  # the 8 blocks still held
+    assert pages["dynamic"] >= 15 * eight_mib_pages  # freed blocks stay resident in the heap
