@@ -3,18 +3,14 @@ and a resumed run (all optimizers, fake score and discriminator included) ends w
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file
 
 from d3sr_cli.main import main as d3sr_main
 from d3sr_core.checkpoints import load_checkpoint
 from d3sr_core.image_io import read_image
-from training.config import load_config
-from training.methods import METHODS
+from tiny_models import tiny_preset_config, write_hr_photos
 from training.trainer import Trainer
 
 ONE_STEP_METHODS = ("d3sr", "osediff", "tadsr", "tsdsr")
@@ -22,22 +18,11 @@ ONE_STEP_METHODS = ("d3sr", "osediff", "tadsr", "tsdsr")
 
 @pytest.fixture(scope="module")
 def hr_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("hr")
-    gen = torch.Generator().manual_seed(1)
-    for i in range(3):
-        image = F.interpolate(torch.rand(1, 3, 6, 6, generator=gen), size=(80, 96), mode="bicubic", align_corners=False)[0]
-        Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(folder / f"img{i}.png")
-    return folder
+    return write_hr_photos(tmp_path_factory.mktemp("hr"), 3, (80, 96), seed=1)
 
 
 def config_for(method: str, hr_dir: Path, *overrides: str) -> dict:
-    return load_config(
-        preset="tiny",
-        overrides=[f"method={method}", f"data.hr_dir={hr_dir}", "train.batch_size=1", "train.checkpoint_every=2",
-                   f"{method}.generator.lr=1e-3", *overrides],
-        method_defaults=METHODS[method].defaults,
-        other_sections=tuple(METHODS),
-    )
+    return tiny_preset_config(method, hr_dir, "train.checkpoint_every=2", f"{method}.generator.lr=1e-3", *overrides)
 
 
 @pytest.mark.parametrize("method", ONE_STEP_METHODS)

@@ -4,12 +4,9 @@ StableDiffusion3Pipeline, and a run on an SD3 folder base that conditions on pre
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from PIL import Image
 from safetensors.torch import load_file
 
 from d3sr_cli.main import main as d3sr_main
@@ -17,9 +14,7 @@ from d3sr_core.checkpoints import load_checkpoint
 from d3sr_core.generator import flow_match_sigmas
 from d3sr_core.image_io import read_image
 from d3sr_core.losses import fake_score_flow_loss, flow_diffuse
-from tiny_models import write_sd3_base, write_sd3_text_encoders, write_tsdsr_dir
-from training.config import load_config
-from training.methods import METHODS
+from tiny_models import tiny_preset_config, write_hr_photos, write_sd3_base, write_sd3_text_encoders, write_tsdsr_dir
 from training.methods.tsdsr import FAKE_SCORE, TEACHER
 from training.prompts import encode_sd3_prompt, main as prompts_main
 from training.trainer import Trainer
@@ -27,21 +22,11 @@ from training.trainer import Trainer
 
 @pytest.fixture(scope="module")
 def hr_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("hr")
-    gen = torch.Generator().manual_seed(2)
-    for i in range(2):
-        image = F.interpolate(torch.rand(1, 3, 6, 6, generator=gen), size=(64, 80), mode="bicubic", align_corners=False)[0]
-        Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(folder / f"img{i}.png")
-    return folder
+    return write_hr_photos(tmp_path_factory.mktemp("hr"), 2, (64, 80), seed=2)
 
 
 def tsdsr_config(hr_dir: Path, *overrides: str) -> dict:
-    return load_config(
-        preset="tiny",
-        overrides=["method=tsdsr", f"data.hr_dir={hr_dir}", "train.batch_size=1", *overrides],
-        method_defaults=METHODS["tsdsr"].defaults,
-        other_sections=tuple(METHODS),
-    )
+    return tiny_preset_config("tsdsr", hr_dir, *overrides)
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])

@@ -387,3 +387,30 @@ def write_sd3_text_encoders(folder: Path, with_t5: bool = True) -> Path:
         T5EncoderModel(config).eval().save_pretrained(folder / "text_encoder_3")
         tiny_t5_tokenizer().save_pretrained(folder / "tokenizer_3")
     return folder
+
+
+def write_hr_photos(folder: Path, count: int, size: tuple[int, int], seed: int) -> Path:
+    """``count`` smooth random RGB PNGs ``img<i>.png`` of ``size = (height, width)``: a training folder."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        image = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 6, generator=gen), size=size, mode="bicubic",
+                                                align_corners=False)[0]
+        Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def tiny_preset_config(method: str, hr_dir: Path, *overrides: str) -> dict:
+    """The tiny preset's run of ``method`` on ``hr_dir`` at batch size 1, with ``--set`` style ``overrides``."""
+    from training.config import load_config
+    from training.methods import METHODS
+
+    return load_config(
+        preset="tiny",
+        overrides=[f"method={method}", f"data.hr_dir={hr_dir}", "train.batch_size=1", *overrides],
+        method_defaults=METHODS[method].defaults,
+        other_sections=tuple(METHODS),
+    )
