@@ -27,8 +27,9 @@ base weights before LoRA, and ``base_configs`` their configs, so it runs with no
 **OSEDiff** ``.pkl`` (read only): the dict written by ``OSEDiff_gen.save_model`` (reference/methods.md 1.2), read
 with the weights-only unpickler. Its LoRA alpha is peft's default (8), which the file does not store.
 
-**TSD-SR** folder (read only; methods.md 2.2): ``transformer.safetensors`` and ``vae.safetensors`` whose keys are
-``transformer.<module>.lora_A.weight`` / ``lora_B`` (no adapter name, the same prefix even in the VAE file), and
+**TSD-SR** folder (read by :func:`read_tsdsr_dir`, written by :func:`write_tsdsr_dir`; methods.md 2.2):
+``transformer.safetensors`` and ``vae.safetensors`` whose keys are ``transformer.<module>.lora_A.weight`` /
+``lora_B`` (no adapter name, the same prefix even in the VAE file), and
 the fixed prompt embeddings ``prompt_embeds.pt`` ``(1, 333, 4096)`` and ``pool_embeds.pt`` ``(1, 2048)`` (the
 batch dimension may be missing). Rank and alpha are not stored: rank is read from the tensors, alpha = rank.
 """
@@ -49,7 +50,15 @@ from .backbones import BaseModel
 from .backbones.base import FAMILIES
 from .backbones.sd2 import sd2_base_from_embedded
 from .backbones.sd3 import sd3_base_from_embedded
-from .files import PICKLE_SUFFIXES, ModelFileError, atomic_output, read_pickle, read_safetensors, require_file
+from .files import (
+    PICKLE_SUFFIXES,
+    ModelFileError,
+    atomic_output,
+    atomic_output_dir,
+    read_pickle,
+    read_safetensors,
+    require_file,
+)
 from .generator import PREDICTION_TYPES, OneStepGenerator, alphas_cumprod_from_config
 from .lora import (
     PEFT_DEFAULT_LORA_ALPHA,
@@ -308,6 +317,43 @@ def read_tsdsr_dir(
         defaults=PRESETS["tsdsr"],
         source=path,
     )
+
+
+def write_tsdsr_dir(checkpoint: OneStepCheckpoint, path: str | os.PathLike) -> Path:
+    """An SD3 checkpoint whose trained weights are LoRA only, as an official TSD-SR folder (the layout
+    :func:`read_tsdsr_dir` reads, which TSD-SR's ``test_tsdsr.py`` loads with ``--lora_dir`` and ``--embedding_dir``).
+
+    TSD-SR's loader assumes alpha = rank, so each ``lora_B`` is multiplied by ``alpha / rank``: the same update.
+    Written to a temporary folder and renamed.
+    """
+    source = checkpoint.source or "the checkpoint"
+    if checkpoint.base_family != "sd3" or checkpoint.prediction_type != "flow":
+        raise ValueError(f"{source} is not an SD3 flow model; only those have a TSD-SR form.")
+    files: dict[str, dict[str, torch.Tensor]] = {"transformer": {}, "vae": {}}
+    for component, file in files.items():
+        specs = [s for s in checkpoint.adapters if s.component == component]
+        if len(specs) != 1:
+            raise ValueError(f"{source} has {len(specs)} {component} adapters; TSD-SR's format holds exactly one.")
+        spec = specs[0]
+        marker = f".{spec.name}.weight"
+        for key, value in checkpoint.tensors.items():
+            if not key.startswith(component + "."):
+                continue
+            module_key = key[len(component) + 1:]
+            if not module_key.endswith(marker) or not re.search(r"\.lora_[AB]\.", module_key):
+                raise ValueError(f"{source} has the fully trained weight {key!r}, which TSD-SR's format cannot hold.")
+            name = module_key[: -len(marker)] + ".weight"
+            scale = spec.alpha / spec.rank if ".lora_B." in module_key else 1.0
+            file["transformer." + name] = (value.float() * scale).contiguous()
+    missing = [n for n in ("prompt_embeds", "pooled_prompt_embeds") if n not in checkpoint.conditioning]
+    if missing:
+        raise ValueError(f"{source} stores no {missing[0]}; TSD-SR's folder needs its prompt embeddings.")
+    with atomic_output_dir(path) as tmp:
+        for component, file in files.items():
+            save_file(file, str(tmp / f"{component}.safetensors"))
+        torch.save(checkpoint.conditioning["prompt_embeds"].float().contiguous(), tmp / "prompt_embeds.pt")
+        torch.save(checkpoint.conditioning["pooled_prompt_embeds"].float().contiguous(), tmp / "pool_embeds.pt")
+    return Path(path)
 
 
 def peek(path: str | os.PathLike) -> tuple[str, int]:

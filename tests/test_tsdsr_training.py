@@ -10,10 +10,12 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from safetensors.torch import load_file
 
 from d3sr_cli.main import main as d3sr_main
-from d3sr_core.checkpoints import load_checkpoint
+from d3sr_core.backbones import load_base
+from d3sr_core.checkpoints import build_generator, load_checkpoint
 from d3sr_core.generator import flow_match_sigmas
 from d3sr_core.image_io import read_image
 from d3sr_core.losses import fake_score_flow_loss, flow_diffuse
+from d3sr_core.pipeline import Upscaler
 from tiny_models import tiny_preset_config, write_hr_photos, write_sd3_base, write_sd3_text_encoders, write_tsdsr_dir
 from training.methods.tsdsr import FAKE_SCORE, TEACHER
 from training.prompts import encode_sd3_prompt, main as prompts_main
@@ -173,7 +175,8 @@ def test_prompt_embeddings_match_diffusers_sd3_pipeline(tmp_path):
 
 def test_run_on_an_sd3_folder_conditions_on_precomputed_embeddings(hr_dir, tmp_path):
     folder = write_sd3_text_encoders(write_sd3_base(tmp_path / "sd3"), with_t5=False)
-    overrides = [f"model.base={folder}", "model.base_configs=null", "train.max_steps=1", "data.crop_size=64"]
+    overrides = [f"model.base={folder}", "model.base_configs=null", "train.max_steps=1", "data.crop_size=64",
+                 "tsdsr.generator.lr=1e-3", "tsdsr.generator.lora_alpha=8"]
     with pytest.raises(ValueError, match="model.prompt_embeddings"):
         Trainer(tsdsr_config(hr_dir, *overrides), tmp_path / "refused")
     embeds = tmp_path / "embeds.safetensors"
@@ -190,6 +193,21 @@ def test_run_on_an_sd3_folder_conditions_on_precomputed_embeddings(hr_dir, tmp_p
     out = tmp_path / "up"
     assert d3sr_main(["upscale", str(hr_dir / "img0.png"), "-o", str(out), "--model", str(exported), "--base", str(folder)]) == 0
     assert read_image(out / "img0.png").pixels.shape == (3, 256, 320)
+
+    # The same model in the official TSD-SR folder (alpha folded into lora_B) gives the same image.
+    official = tmp_path / "run" / "model_tsdsr"
+    assert sorted(p.name for p in official.iterdir()) == ["pool_embeds.pt", "prompt_embeds.pt", "transformer.safetensors", "vae.safetensors"]
+    assert all(k.startswith("transformer.") for k in load_file(str(official / "vae.safetensors")))
+    official_b = load_file(str(official / "transformer.safetensors"))["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
+    ours_b = checkpoint.tensors["transformer.transformer_blocks.0.attn.to_q.lora_B.default.weight"]
+    assert ours_b.abs().max() > 0 and torch.allclose(official_b, ours_b * 8 / 4)  # alpha 8 at rank 4, folded into B
+    image = read_image(hr_dir / "img0.png").pixels[None]
+    options = checkpoint.defaults.updated(min_process_side=0)
+    results = [
+        Upscaler(build_generator(load_checkpoint(model), load_base(folder)), winograd=False).upscale(image, options)
+        for model in (exported, official)
+    ]
+    assert torch.allclose(results[0], results[1], atol=1e-5)
 
 
 def test_dasm_weights_must_match_its_steps(hr_dir, tmp_path):
@@ -213,3 +231,18 @@ def test_cli_trains_tsdsr_on_the_tiny_preset(hr_dir, tmp_path):
     assert checkpoint.method == "tsdsr" and checkpoint.base_family == "sd3" and checkpoint.timestep == 1000
     assert checkpoint.base_configs["transformer"]["patch_size"] == 2 and checkpoint.defaults.tile_size == 64
     assert not (out / "model_kohya_unet_lora.safetensors").exists()
+
+
+def test_tsdsr_folder_refuses_what_it_cannot_hold(tmp_path):
+    from d3sr_core.checkpoints import write_tsdsr_dir
+    from tiny_models import write_osediff_pkl, write_tsdsr_dir as write_tsdsr_dir_fixture
+
+    write_osediff_pkl(tmp_path / "osediff.pkl")
+    with pytest.raises(ValueError, match="not an SD3 flow model"):
+        write_tsdsr_dir(load_checkpoint(tmp_path / "osediff.pkl"), tmp_path / "out")
+    write_tsdsr_dir_fixture(tmp_path / "official")
+    checkpoint = load_checkpoint(tmp_path / "official")
+    checkpoint.tensors["transformer.pos_embed.proj.base_layer.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="fully trained weight"):
+        write_tsdsr_dir(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

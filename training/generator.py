@@ -20,7 +20,13 @@ from d3sr_core.backbones import BaseModel, load_base
 from d3sr_core.backbones.base import FAMILIES, detect_family_from_unet_config
 from d3sr_core.backbones.sd2 import predict_unet
 from d3sr_core.backbones.sd3 import predict_transformer
-from d3sr_core.checkpoints import TSDSR_TRANSFORMER_TARGETS, OneStepCheckpoint, generator_on_base, save_checkpoint
+from d3sr_core.checkpoints import (
+    TSDSR_TRANSFORMER_TARGETS,
+    OneStepCheckpoint,
+    generator_on_base,
+    save_checkpoint,
+    write_tsdsr_dir,
+)
 from d3sr_core.files import atomic_output
 from d3sr_core.kohya import kohya_unet_lora
 from d3sr_core.generator import OneStepGenerator, vae_scale_factor
@@ -259,10 +265,15 @@ class TrainableGenerator(nn.Module):
         )
 
     def write_exports(self, folder: Path, method: str, trained: dict[str, torch.Tensor], training_config: dict) -> Path:
-        """``folder/model.safetensors`` (ours) and, when the UNet carries LoRA, ``folder/model_kohya_unet_lora.safetensors``
-        (for ComfyUI's and A1111's own LoRA loaders), both written atomically."""
+        """``folder/model.safetensors`` (ours), all written atomically, and where the format can hold the model:
+        ``folder/model_kohya_unet_lora.safetensors`` when the UNet carries LoRA (for ComfyUI's and A1111's own LoRA
+        loaders); ``folder/model_tsdsr/`` for an SD3 LoRA model on a base loaded from a path (the official TSD-SR
+        folder, for its own scripts)."""
         checkpoint = self.to_checkpoint(method, trained, training_config, int(training_config["data"]["scale"]))
         path = save_checkpoint(checkpoint, folder / "model.safetensors")
+        only_lora = all(".lora_" in k for k in checkpoint.tensors)
+        if checkpoint.base_family == "sd3" and checkpoint.base_configs is None and only_lora and len(checkpoint.adapters) == 2:
+            write_tsdsr_dir(checkpoint, folder / "model_tsdsr")
         unet_adapters = [a for a in checkpoint.adapters if a.component == "unet"]
         if unet_adapters:
             unet = {k[len("unet."):]: v for k, v in checkpoint.tensors.items() if k.startswith("unet.")}
