@@ -83,12 +83,18 @@ def osediff_shaped_generator(arch: str, merge: bool):
     return generator
 
 
-class PeakMemory:
-    """Peak memory above the level at entry: the CUDA allocator's on a GPU, resident set size (sampled) on the CPU
-    (freed memory handed back to the system first)."""
+_OPEN_CUDA_MEASURES: list["PeakMemory"] = []
+"""CUDA measures in progress, outermost first: an inner one resets the allocator's peak, so it hands the peak so
+far to the outer ones first."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.peak_bytes = device, 0
+
+class PeakMemory:
+    """Peak memory above the level at entry: the CUDA allocator's on a GPU, resident set size (sampled) on the CPU.
+    ``release_freed`` first hands memory the allocator kept back to the system (CPU; not for nested measures inside
+    a timed run)."""
+
+    def __init__(self, device: torch.device, release_freed: bool = True):
+        self.device, self.peak_bytes, self.release_freed = device, 0, release_freed
 
     @staticmethod
     def _rss() -> int:
@@ -98,10 +104,14 @@ class PeakMemory:
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            for outer in _OPEN_CUDA_MEASURES:
+                outer._seen = max(outer._seen, torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
+            self._start = self._seen = torch.cuda.memory_allocated(self.device)
+            _OPEN_CUDA_MEASURES.append(self)
         else:
-            release_freed_memory()
+            if self.release_freed:
+                release_freed_memory()
             self._start, self._stop = self._rss(), threading.Event()
             self._top = self._start
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -115,7 +125,8 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            _OPEN_CUDA_MEASURES.remove(self)
+            self.peak_bytes = max(self._seen, torch.cuda.max_memory_allocated(self.device)) - self._start
         else:
             self._stop.set()
             self._thread.join()
@@ -137,7 +148,7 @@ class StagePeaks:
 
     def _measured(self, stage: str, run, device: torch.device):
         def measured(*args, **kwargs):
-            with PeakMemory(device) as memory:
+            with PeakMemory(device, release_freed=False) as memory:
                 result = run(*args, **kwargs)
             self.peak_bytes[stage] = max(self.peak_bytes.get(stage, 0), memory.peak_bytes)
             return result
@@ -221,17 +232,22 @@ def run_bench(arch: str, sizes: list[int], scale: int, repeats: int, device: tor
     }
 
 
+def _ratio(value: float, base: float) -> float | None:
+    return value / base if base > 0 else None
+
+
 def memory_growth(results: list[dict]) -> list[dict]:
-    """Each path's peak per stage (and whole) at every size as a multiple of its peak at the smallest size."""
+    """Each path's peak per stage (and whole) at every size as a multiple of its peak at the smallest size (``None``
+    where that peak was zero)."""
     growth = []
     for name in ("reference", "ours"):
         rows = sorted((r for r in results if r["path"] == name), key=lambda r: r["input_size"])
         first = rows[0]
         for row in rows[1:]:
             entry = {"path": name, "input_size": row["input_size"], "versus_input_size": first["input_size"],
-                     "whole": row["peak_mib"] / max(first["peak_mib"], 1e-9)}
+                     "whole": _ratio(row["peak_mib"], first["peak_mib"])}
             for stage in STAGES:
-                entry[stage] = row["stage_peak_mib"].get(stage, 0) / max(first["stage_peak_mib"].get(stage, 0), 1e-9)
+                entry[stage] = _ratio(row["stage_peak_mib"].get(stage, 0), first["stage_peak_mib"].get(stage, 0))
             growth.append(entry)
     return growth
 

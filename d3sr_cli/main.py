@@ -150,9 +150,10 @@ def run_bench(args: argparse.Namespace) -> int:
                    tiles=tuple(args.tiles) if args.tiles else None, vae_tile_store=args.vae_tile_store)
     for ratio in report["ratios"]:
         print(f"{ratio['input_size']}px: ours is {ratio['speedup']:.2f}x as fast, at {ratio['memory_ratio']:.2f}x the peak memory")
+    times = lambda ratio: "n/a" if ratio is None else f"{ratio:.2f}x"  # noqa: E731
     for g in report["memory_growth"]:
-        stages = ", ".join(f"{stage} {g[stage]:.2f}x" for stage in ("encode", "denoise", "decode"))
-        print(f"{g['path']}: peak memory at {g['input_size']}px is {g['whole']:.2f}x that at {g['versus_input_size']}px "
+        stages = ", ".join(f"{stage} {times(g[stage])}" for stage in ("encode", "denoise", "decode"))
+        print(f"{g['path']}: peak memory at {g['input_size']}px is {times(g['whole'])} that at {g['versus_input_size']}px "
               f"({stages})")
     if args.json:
         with atomic_output(args.json) as tmp:

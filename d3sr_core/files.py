@@ -99,21 +99,29 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 @contextmanager
 def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     """:func:`atomic_output` for a folder: yield an empty temporary folder beside ``path``; on success it takes
-    ``path``'s place (an old folder there is removed), on failure it is removed."""
+    ``path``'s place, on failure it is removed. An old folder at ``path`` is moved aside first and put back if the
+    swap fails, so readers see the old folder or the new one (or, for the instant between two renames, none)."""
     import shutil
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; the result gets the usual mode
+        if not path.exists():
             os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
+            return
+        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, aside / path.name)
+        try:
             os.replace(tmp, path)
+        except OSError:
+            os.replace(aside / path.name, path)
+            raise
+        shutil.rmtree(aside)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

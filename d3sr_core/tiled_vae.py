@@ -7,8 +7,10 @@ OSEDiff uses, does): every tile runs up to the next GroupNorm, reports the mean 
 activation that it owns (its core, without padding), the per-tile parts are combined into the statistics of the
 whole feature map, and every tile continues with those. Between steps a tile's activations are parked: in host
 memory (``store="ram"``; on an accelerator device memory is then bounded by one tile, host memory holds the image)
-or in a temporary folder on disk (``store="disk"``), so that memory is bounded by one tile at any image size and the
-result stays exact; the price is writing and reading every stage's activations once.
+or in a temporary folder (``store="disk"``, under ``TMPDIR``: put it on a real disk, a RAM-backed tmpfs saves
+nothing), so that the activations in memory are bounded by one tile at any image size and the result stays exact;
+the input and the output remain whole-image tensors. The price is writing and reading every stage's activations
+once.
 
 What still differs from an untiled pass: each tile sees only ``padding`` pixels of context, and the VAE's
 mid-block self-attention attends within a tile. Padding of 32 image pixels (encoder) and 11 latent pixels

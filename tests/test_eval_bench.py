@@ -2,6 +2,7 @@
 without Winograd convolutions."""
 
 import json
+import os
 import math
 
 import numpy as np
@@ -187,3 +188,39 @@ def test_fixed_mmap_threshold_hands_freed_blocks_back(tmp_path):
     eight_mib_pages = (8 << 20) // 4096
     assert pages["fixed"] <= 8.5 * eight_mib_pages  # the 8 blocks still held
     assert pages["dynamic"] >= 15 * eight_mib_pages  # freed blocks stay resident in the heap
+
+
+def test_nested_cuda_peaks_keep_the_outer_peak(monkeypatch):
+    """A stage's measure resets the CUDA allocator's peak; the whole run's measure must still see the earlier peak
+    (simulated allocator: 100 MiB held, a 900 MiB peak before the stage, 300 MiB inside it)."""
+    from d3sr_cli.bench import PeakMemory
+
+    state = {"allocated": 100, "peak": 100}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["allocated"]))
+    device = torch.device("cuda")
+    with PeakMemory(device) as whole:
+        state["peak"] = 900
+        with PeakMemory(device, release_freed=False) as stage:
+            state["peak"] = 300
+    assert stage.peak_bytes == 200 and whole.peak_bytes == 800
+
+
+def test_folder_output_replaces_the_old_folder_with_the_usual_mode(tmp_path):
+    from d3sr_core.files import atomic_output_dir
+
+    target = tmp_path / "model_tsdsr"
+    for text in ("old", "new"):
+        with atomic_output_dir(target) as tmp:
+            (tmp / "file.txt").write_text(text)
+    assert (target / "file.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model_tsdsr"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(target) as tmp:
+            (tmp / "file.txt").write_text("broken")
+            raise RuntimeError("interrupted")
+    assert (target / "file.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model_tsdsr"]
