@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from d3sr_core.backbones.base import BaseModel
-from d3sr_core.backbones.sd2 import SHIPPED_CONFIG_DIR, predict_unet
+from d3sr_core.backbones.sd2 import SHIPPED_CONFIG_DIR, sd2_base
 from d3sr_core.checkpoints import OneStepCheckpoint, build_generator
 from d3sr_core.lora import AdapterSpec, add_adapters, merge_adapters
 from d3sr_core.options import PRESETS, UpscaleOptions
@@ -54,9 +54,8 @@ def random_base(arch: str, seed: int = 0) -> BaseModel:
         unet_config, vae_config = {**unet_config, **TINY_UNET}, {**vae_config, **TINY_VAE}
     elif arch != "sd21":
         raise ValueError(f"--arch {arch!r} is not one of sd21, tiny.")
-    unet = UNet2DConditionModel.from_config(unet_config).eval().requires_grad_(False)
-    vae = AutoencoderKL.from_config(vae_config).eval().requires_grad_(False)
-    return BaseModel("sd2", unet, vae, predict_unet, scheduler_config, Path(f"random {arch}"))
+    unet, vae = UNet2DConditionModel.from_config(unet_config), AutoencoderKL.from_config(vae_config)
+    return sd2_base(unet, vae, scheduler_config, Path(f"random {arch}"))
 
 
 def osediff_shaped_generator(arch: str, merge: bool):

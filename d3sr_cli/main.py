@@ -141,7 +141,7 @@ def _add_bench(sub) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from d3sr_cli.bench import plot, run_bench as bench
+    from d3sr_cli.bench import STAGES, plot, run_bench as bench
     from d3sr_core.files import atomic_output
 
     fix_mmap_threshold()  # resident memory then follows what the paths hold, not what glibc kept of it
@@ -152,7 +152,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"{ratio['input_size']}px: ours is {ratio['speedup']:.2f}x as fast, at {ratio['memory_ratio']:.2f}x the peak memory")
     times = lambda ratio: "n/a" if ratio is None else f"{ratio:.2f}x"  # noqa: E731
     for g in report["memory_growth"]:
-        stages = ", ".join(f"{stage} {times(g[stage])}" for stage in ("encode", "denoise", "decode"))
+        stages = ", ".join(f"{stage} {times(g[stage])}" for stage in STAGES)
         print(f"{g['path']}: peak memory at {g['input_size']}px is {times(g['whole'])} that at {g['versus_input_size']}px "
               f"({stages})")
     if args.json:

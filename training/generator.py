@@ -17,9 +17,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from d3sr_core.backbones import BaseModel, load_base
-from d3sr_core.backbones.base import FAMILIES, detect_family_from_unet_config
-from d3sr_core.backbones.sd2 import predict_unet
-from d3sr_core.backbones.sd3 import predict_transformer
+from d3sr_core.backbones.base import FAMILIES
+from d3sr_core.backbones.sd2 import sd2_base
+from d3sr_core.backbones.sd3 import sd3_base
 from d3sr_core.checkpoints import (
     TSDSR_TRANSFORMER_TARGETS,
     OneStepCheckpoint,
@@ -103,19 +103,11 @@ def _base_from_configs(configs: dict) -> BaseModel:
     """A base of random weights from ``{unet | transformer, vae, scheduler}`` configs."""
     if ("unet" in configs) == ("transformer" in configs):
         raise ValueError("model.base_configs needs exactly one of unet (SD 2.x-shaped) and transformer (SD3-shaped).")
-    vae = AutoencoderKL.from_config(configs["vae"]).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_config(configs["vae"])
+    source = Path("model.base_configs")
     if "transformer" in configs:
-        transformer = SD3Transformer2DModel.from_config(configs["transformer"]).eval().requires_grad_(False)
-        return BaseModel(
-            family="sd3", denoiser=transformer, vae=vae, predict_fn=predict_transformer,
-            scheduler_config=dict(configs["scheduler"]), source=Path("model.base_configs"),
-            denoiser_component="transformer",
-        )
-    unet = UNet2DConditionModel.from_config(configs["unet"]).eval().requires_grad_(False)
-    return BaseModel(
-        family=detect_family_from_unet_config(configs["unet"]), denoiser=unet, vae=vae, predict_fn=predict_unet,
-        scheduler_config=dict(configs["scheduler"]), source=Path("model.base_configs"),
-    )
+        return sd3_base(SD3Transformer2DModel.from_config(configs["transformer"]), vae, dict(configs["scheduler"]), source)
+    return sd2_base(UNet2DConditionModel.from_config(configs["unet"]), vae, dict(configs["scheduler"]), source)
 
 
 def _conditioning(base: BaseModel, model_config: dict, built: bool) -> tuple[dict, dict]:

@@ -42,6 +42,19 @@ def predict_unet(unet: torch.nn.Module, latents: torch.Tensor, timestep: torch.T
     return unet(latents, timestep, encoder_hidden_states=conditioning["prompt_embeds"]).sample
 
 
+def sd2_base(unet, vae, scheduler_config: dict, source: Path, prompt_encoder=None) -> BaseModel:
+    """An SD 2.x-shaped base (family read from the UNet config) of ``unet`` and ``vae``, both put in eval mode and frozen."""
+    return BaseModel(
+        family=detect_family_from_unet_config(dict(unet.config)),
+        denoiser=unet.eval().requires_grad_(False),
+        vae=vae.eval().requires_grad_(False),
+        predict_fn=predict_unet,
+        scheduler_config=scheduler_config,
+        source=source,
+        prompt_encoder=prompt_encoder,
+    )
+
+
 def _empty_prompt_ids(length: int) -> torch.Tensor:
     return torch.tensor([[SD2_BOS, SD2_EOS] + [SD2_PAD] * (length - 2)])
 
@@ -88,15 +101,7 @@ def _from_diffusers_folder(path: Path, load_text_encoder: bool) -> BaseModel:
         if (path / "tokenizer").is_dir():
             tokenizer = from_pretrained(CLIPTokenizer, path, "tokenizer", what)
         prompt_encoder = make_prompt_encoder(text_encoder, tokenizer, path)
-    return BaseModel(
-        family=detect_family_from_unet_config(dict(unet.config)),
-        denoiser=unet,
-        vae=vae,
-        predict_fn=predict_unet,
-        scheduler_config=scheduler_config,
-        source=path,
-        prompt_encoder=prompt_encoder,
-    )
+    return sd2_base(unet, vae, scheduler_config, path, prompt_encoder)
 
 
 def sd2_base_from_embedded(configs: dict, state: dict[str, torch.Tensor], source: Path) -> BaseModel:
@@ -107,17 +112,7 @@ def sd2_base_from_embedded(configs: dict, state: dict[str, torch.Tensor], source
         lambda: UNet2DConditionModel.from_config(configs["unet"]), embedded_part_state(state, "unet"), source, "UNet"
     )
     vae = build_with_weights(lambda: AutoencoderKL.from_config(configs["vae"]), embedded_part_state(state, "vae"), source, "VAE")
-    base = BaseModel(
-        family=detect_family_from_unet_config(configs["unet"]),
-        denoiser=unet,
-        vae=vae,
-        predict_fn=predict_unet,
-        scheduler_config=configs["scheduler"],
-        source=source,
-    )
-    base.denoiser.eval().requires_grad_(False)
-    base.vae.eval().requires_grad_(False)
-    return base
+    return sd2_base(unet, vae, configs["scheduler"], source)
 
 
 def _from_single_file(path: Path, config_dir: str | os.PathLike | None, load_text_encoder: bool) -> BaseModel:
@@ -171,18 +166,7 @@ def sd2_base_from_ldm_state_dict(
         check_weights(expected, converted, path, "text encoder")
         text_encoder.load_state_dict({k: converted[k] for k in expected}, strict=False)
         prompt_encoder = make_prompt_encoder(text_encoder, None, path)
-    base = BaseModel(
-        family=detect_family_from_unet_config(unet_config),
-        denoiser=unet,
-        vae=vae,
-        predict_fn=predict_unet,
-        scheduler_config=read_json(config_dir / "scheduler.json"),
-        source=Path(path),
-        prompt_encoder=prompt_encoder,
-    )
-    base.denoiser.eval().requires_grad_(False)
-    base.vae.eval().requires_grad_(False)
-    return base
+    return sd2_base(unet, vae, read_json(config_dir / "scheduler.json"), Path(path), prompt_encoder)
 
 
 def load_sd2_base(
@@ -193,8 +177,5 @@ def load_sd2_base(
     if not path.exists():
         raise ModelFileError(f"{path} does not exist; expected an SD 2.x base model (diffusers folder or single file).")
     if path.is_dir():
-        base = _from_diffusers_folder(path, load_text_encoder)
-        base.denoiser.eval().requires_grad_(False)
-        base.vae.eval().requires_grad_(False)
-        return base
+        return _from_diffusers_folder(path, load_text_encoder)
     return _from_single_file(path, config_dir, load_text_encoder)

@@ -37,6 +37,19 @@ def predict_transformer(
     ).sample
 
 
+def sd3_base(transformer, vae, scheduler_config: dict, source: Path) -> BaseModel:
+    """An SD3-shaped base of ``transformer`` and ``vae``, both put in eval mode and frozen."""
+    return BaseModel(
+        family="sd3",
+        denoiser=transformer.eval().requires_grad_(False),
+        vae=vae.eval().requires_grad_(False),
+        predict_fn=predict_transformer,
+        scheduler_config=scheduler_config,
+        source=source,
+        denoiser_component="transformer",
+    )
+
+
 def is_sd3_folder(path: Path) -> bool:
     config = path / "transformer" / "config.json"
     return config.is_file() and read_json(config).get("_class_name") == "SD3Transformer2DModel"
@@ -50,15 +63,7 @@ def load_sd3_base(path: Path) -> BaseModel:
     transformer = from_pretrained(SD3Transformer2DModel, path, "transformer", what)
     vae = from_pretrained(AutoencoderKL, path, "vae", what)
     scheduler_config = folder_scheduler_config(path, SHIPPED_CONFIG_DIR)
-    return BaseModel(
-        family="sd3",
-        denoiser=transformer.eval().requires_grad_(False),
-        vae=vae.eval().requires_grad_(False),
-        predict_fn=predict_transformer,
-        scheduler_config=scheduler_config,
-        source=path,
-        denoiser_component="transformer",
-    )
+    return sd3_base(transformer, vae, scheduler_config, path)
 
 
 def sd3_base_from_embedded(configs: dict, state: dict[str, torch.Tensor], source: Path) -> BaseModel:
@@ -70,12 +75,4 @@ def sd3_base_from_embedded(configs: dict, state: dict[str, torch.Tensor], source
         embedded_part_state(state, "transformer"), source, "transformer",
     )
     vae = build_with_weights(lambda: AutoencoderKL.from_config(configs["vae"]), embedded_part_state(state, "vae"), source, "VAE")
-    return BaseModel(
-        family="sd3",
-        denoiser=transformer.eval().requires_grad_(False),
-        vae=vae.eval().requires_grad_(False),
-        predict_fn=predict_transformer,
-        scheduler_config=configs["scheduler"],
-        source=source,
-        denoiser_component="transformer",
-    )
+    return sd3_base(transformer, vae, configs["scheduler"], source)

@@ -61,8 +61,6 @@ class OneStepMethod(TrainingMethod):
         inference_defaults(config["model"], int(config["data"]["scale"]))  # refuse bad options before training
         self.conditioning = self.training_base.conditioning
         self.null_conditioning = self.training_base.null_conditioning
-        self.context = self.conditioning["prompt_embeds"]
-        self.null_context = self.null_conditioning["prompt_embeds"]
         self.alphas_cumprod = self.generator.generator.alphas_cumprod
 
     def perceptual(self, kind: type[DISTS] | type[LPIPS]):
@@ -77,8 +75,6 @@ class OneStepMethod(TrainingMethod):
         super().bind(prepared, accelerator, max_grad_norm)
         self.conditioning = {k: v.to(accelerator.device) for k, v in self.conditioning.items()}
         self.null_conditioning = {k: v.to(accelerator.device) for k, v in self.null_conditioning.items()}
-        self.context = self.conditioning["prompt_embeds"]
-        self.null_context = self.null_conditioning["prompt_embeds"]
         if self.alphas_cumprod is not None:
             self.alphas_cumprod = self.alphas_cumprod.to(accelerator.device)
         if self.frozen_denoiser is not None:
@@ -89,6 +85,16 @@ class OneStepMethod(TrainingMethod):
     def upsampled(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The LQ image bicubic-upsampled to the GT size, as ``torch_bicubic`` inference does, in [-1, 1]."""
         return F.interpolate(batch["lq"], size=batch["gt"].shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+
+    @property
+    def context(self) -> torch.Tensor:
+        """The prompt embedding ``(1, tokens, width)`` every UNet call is conditioned on."""
+        return self.conditioning["prompt_embeds"]
+
+    @property
+    def null_context(self) -> torch.Tensor:
+        """The negative prompt's embedding: the unconditional side of classifier-free guidance."""
+        return self.null_conditioning["prompt_embeds"]
 
     def contexts(self, batch_size: int) -> torch.Tensor:
         return self.context.expand(batch_size, -1, -1)
