@@ -5,6 +5,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from d3sr_core.tiled_vae import combine_moments, decoder_steps, encoder_steps, tile_bounds, tiled_vae_apply
+from bounds import ACTIVATION_REORDER
 from tiny_models import TINY_VAE, perturb_, random_image, tiny_vae
 
 
@@ -24,8 +25,8 @@ def test_steps_reproduce_the_vae_in_one_tile(image):
     with torch.no_grad():
         moments = vae.quant_conv(vae.encoder(image))
         z = moments[:, :4]
-        assert (tiled_vae_apply(encoder_steps(vae), image, 4096, 0, 1 / 8) - moments).abs().max() < 1e-5
-        assert (tiled_vae_apply(decoder_steps(vae), z, 4096, 0, 8) - vae.decode(z).sample).abs().max() < 1e-5
+        assert (tiled_vae_apply(encoder_steps(vae), image, 4096, 0, 1 / 8) - moments).abs().max() <= ACTIVATION_REORDER
+        assert (tiled_vae_apply(decoder_steps(vae), z, 4096, 0, 8) - vae.decode(z).sample).abs().max() <= ACTIVATION_REORDER
 
 
 def test_tiles_are_exact_without_attention_when_padding_covers_the_receptive_field(image):
@@ -37,7 +38,7 @@ def test_tiles_are_exact_without_attention_when_padding_covers_the_receptive_fie
     z = latents_of(vae.eval(), image)
     with torch.no_grad():
         tiled = tiled_vae_apply(decoder_steps(vae), z, 8, 24, 8)
-        assert (tiled - vae.decode(z).sample).abs().max() < 1e-4
+        assert (tiled - vae.decode(z).sample).abs().max() <= ACTIVATION_REORDER
 
 
 def naive_tiled_decode(vae, z, tile, padding):

@@ -16,6 +16,7 @@ from d3sr_core.generator import flow_match_sigmas
 from d3sr_core.image_io import read_image
 from d3sr_core.losses import fake_score_flow_loss, flow_diffuse
 from d3sr_core.pipeline import Upscaler
+from bounds import ACTIVATION_REORDER, IMAGE_REORDER, max_difference
 from tiny_models import tiny_preset_config, write_hr_photos, write_sd3_base, write_sd3_text_encoders, write_tsdsr_dir
 from training.methods.tsdsr import FAKE_SCORE, TEACHER
 from training.prompts import encode_sd3_prompt, main as prompts_main
@@ -152,15 +153,15 @@ def test_prompt_embeddings_match_diffusers_sd3_pipeline(tmp_path):
         )
     ours = encode_sd3_prompt(folder, "a cat on a mat", max_sequence_length=12)
     assert ours["prompt_embeds"].shape == (1, 77 + 12, 32) and ours["pooled_prompt_embeds"].shape == (1, 24)
-    assert torch.allclose(ours["prompt_embeds"], embeds, atol=1e-5)
-    assert torch.allclose(ours["pooled_prompt_embeds"], pooled, atol=1e-5)
+    assert torch.allclose(ours["prompt_embeds"], embeds, atol=ACTIVATION_REORDER)
+    assert torch.allclose(ours["pooled_prompt_embeds"], pooled, atol=ACTIVATION_REORDER)
 
     out = tmp_path / "embeds.safetensors"
     assert prompts_main(["--base", str(folder), "--prompt", "a cat on a mat", "--negative-prompt", "blurry",
                          "--max-sequence-length", "12", "--out", str(out)]) == 0
     written = load_file(str(out))
-    assert torch.allclose(written["negative_prompt_embeds"], negative, atol=1e-5)
-    assert torch.allclose(written["negative_pooled_prompt_embeds"], negative_pooled, atol=1e-5)
+    assert torch.allclose(written["negative_prompt_embeds"], negative, atol=ACTIVATION_REORDER)
+    assert torch.allclose(written["negative_pooled_prompt_embeds"], negative_pooled, atol=ACTIVATION_REORDER)
 
     # Without T5, the T5 part is zeros of the transformer's width (as the pipeline does with text_encoder_3=None).
     pipe.text_encoder_3 = None
@@ -170,7 +171,7 @@ def test_prompt_embeddings_match_diffusers_sd3_pipeline(tmp_path):
         for file in (folder / part).iterdir():
             file.unlink()
         (folder / part).rmdir()
-    assert torch.allclose(encode_sd3_prompt(folder, "a cat", max_sequence_length=12)["prompt_embeds"], no_t5, atol=1e-5)
+    assert torch.allclose(encode_sd3_prompt(folder, "a cat", max_sequence_length=12)["prompt_embeds"], no_t5, atol=ACTIVATION_REORDER)
 
 
 def test_run_on_an_sd3_folder_conditions_on_precomputed_embeddings(hr_dir, tmp_path):
@@ -207,7 +208,7 @@ def test_run_on_an_sd3_folder_conditions_on_precomputed_embeddings(hr_dir, tmp_p
         Upscaler(build_generator(load_checkpoint(model), load_base(folder)), winograd=False).upscale(image, options)
         for model in (exported, official)
     ]
-    assert torch.allclose(results[0], results[1], atol=1e-5)
+    assert max_difference(results[0], results[1]) <= IMAGE_REORDER, max_difference(results[0], results[1])
 
 
 def test_dasm_weights_must_match_its_steps(hr_dir, tmp_path):
