@@ -17,7 +17,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .backbones.base import PredictFn
 from .tiled_vae import count_norms, count_vae_tiles, decoder_steps, encoder_steps, tiled_vae_apply
-from .tiling import count_latent_tiles, gaussian_blend_predictions
+from .tiling import count_latent_tiles, gaussian_blend_predictions, latent_tile_shape
 
 ENCODER_TILE_PADDING = 32
 """Context around each VAE encoder tile, in image pixels (the official default)."""
@@ -165,20 +165,31 @@ class OneStepGenerator(torch.nn.Module):
         steps = encoder_steps if half == "encoder" else decoder_steps
         return 1 if tiles == 1 else tiles * (count_norms(steps(self.vae)) + 1)
 
-    def _latent_tiling(self, height: int, width: int, tile_size: int | None, tile_overlap: int) -> tuple[int, int] | None:
-        """``(tile, overlap)`` for latents of ``height x width``, or ``None`` when they fit in one tile. The tile is
-        rounded down to whole patches (at least one) and the overlap kept below it. A transformer whose learned
-        positions end (``pos_embed_max_size`` patches) never sees a larger tile, even with tiling off."""
-        if self.max_latent_side and max(height, width) > self.max_latent_side:
+    def _latent_tiling(
+        self, height: int, width: int, tile_size: int | None, tile_overlap: int, tile_rule: str = "side"
+    ) -> tuple[tuple[int, int], int] | None:
+        """``((tile_h, tile_w), overlap)`` for latents of ``height x width``, or ``None`` when they run untiled,
+        by ``tile_rule`` (``area`` or ``side``, see ``tiling.latent_tile_shape``). The tile is rounded down to whole
+        patches (at least one) and the overlap kept below it. A transformer whose learned positions end
+        (``pos_embed_max_size`` patches) never sees a larger tile, whatever the rule, even with tiling off."""
+        beyond_positions = bool(self.max_latent_side) and max(height, width) > self.max_latent_side
+        if beyond_positions:
             tile_size = min(tile_size or self.max_latent_side, self.max_latent_side)
-        if not tile_size or max(height, width) <= tile_size:
+        if not tile_size:
             return None
         tile = max(self.patch_size, tile_size // self.patch_size * self.patch_size)
-        return tile, min(tile_overlap, tile - 1)
+        shape = latent_tile_shape(height, width, tile, tile_rule)
+        if shape is None and beyond_positions:
+            shape = (min(tile, height), min(tile, width))
+        if shape is None:
+            return None
+        return shape, min(tile_overlap, min(shape) - 1)
 
-    def denoise_progress_steps(self, height: int, width: int, tile_size: int | None, tile_overlap: int) -> int:
+    def denoise_progress_steps(
+        self, height: int, width: int, tile_size: int | None, tile_overlap: int, tile_rule: str = "side"
+    ) -> int:
         """How often :meth:`denoise` calls ``progress`` for latents of ``height x width``."""
-        tiling = self._latent_tiling(height, width, tile_size, tile_overlap)
+        tiling = self._latent_tiling(height, width, tile_size, tile_overlap, tile_rule)
         return count_latent_tiles(height, width, *tiling) if tiling else 1
 
     def encode(
@@ -264,12 +275,13 @@ class OneStepGenerator(torch.nn.Module):
         *,
         tile_size: int | None = None,
         tile_overlap: int = 0,
+        tile_rule: str = "side",
         tile_batch_size: int = 1,
         progress: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """x0 from ``latents``; with ``tile_size`` smaller than the latents the prediction is made per tile and
-        Gaussian-blended first."""
-        tiling = self._latent_tiling(*latents.shape[-2:], tile_size, tile_overlap)
+        """x0 from ``latents``; when ``tile_rule`` (``area`` or ``side``, see ``tiling.latent_tile_shape``) tiles
+        latents of this size with ``tile_size``, the prediction is made per tile and Gaussian-blended first."""
+        tiling = self._latent_tiling(*latents.shape[-2:], tile_size, tile_overlap, tile_rule)
         if tiling:
             prediction = gaussian_blend_predictions(self.predict, latents, *tiling, progress, tile_batch_size)
         else:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from .color import COLOR_FIXES
 from .tiled_vae import TILE_STORES
+from .tiling import TILE_RULES
 
 UPSAMPLERS = ("pil_bicubic", "torch_bicubic")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -24,6 +25,10 @@ class UpscaleOptions:
         min_process_side: inputs whose upscaled short side is below this are processed at a larger scale
             (as the official scripts do) and resized back, so the output is always ``scale`` x the input.
         tile_size, tile_overlap: latent tiles and their overlap in latent pixels; 0 turns latent tiling off.
+        tile_rule: when latents are tiled and the tiles' shape: ``area`` (the official OSEDiff and TSD-SR scripts:
+            untiled while ``h * w <= tile_size^2``, else square tiles of ``min(tile_size, h, w)``) or ``side``
+            (untiled while the longer side fits, else ``min(tile_size, h) x min(tile_size, w)``; the default, and
+            what models stored without this field were made with). See ``tiling.latent_tile_shape``.
         vae_encoder_tile_size: encoder tiles in image pixels; vae_decoder_tile_size: decoder tiles in latent
             pixels; 0 turns VAE tiling off.
         tile_batch_size: latent tiles sent through the denoiser together.
@@ -41,6 +46,7 @@ class UpscaleOptions:
     min_process_side: int = 512
     tile_size: int = 96
     tile_overlap: int = 32
+    tile_rule: str = "side"
     vae_encoder_tile_size: int = 1024
     vae_decoder_tile_size: int = 224
     tile_batch_size: int = 1
@@ -62,6 +68,7 @@ class UpscaleOptions:
              "vae_encoder_tile_size", "0 (off) or a multiple of 8 of at least 64 pixels"),
             (self.vae_decoder_tile_size == 0 or self.vae_decoder_tile_size >= 8,
              "vae_decoder_tile_size", "0 (off) or at least 8 latent pixels"),
+            (self.tile_rule in TILE_RULES, "tile_rule", f"one of {TILE_RULES}"),
             (self.tile_batch_size >= 1, "tile_batch_size", "at least 1"),
             (self.vae_tile_store in TILE_STORES, "vae_tile_store", f"one of {TILE_STORES}"),
             (self.color_fix in COLOR_FIXES, "color_fix", f"one of {COLOR_FIXES}"),
@@ -86,13 +93,16 @@ class UpscaleOptions:
 
 
 PRESETS = {
-    # test_osediff.py: PIL bicubic x4, process size 512, --align_method adain, latent tiles 96/32, VAE tiles 1024/224.
-    "osediff": UpscaleOptions(),
+    # test_osediff.py: PIL bicubic x4, process size 512, --align_method adain, latent tiles 96/32 by its rule (untiled
+    # while h * w <= 96^2, else square tiles), VAE tiles 1024/224 (always installed there).
+    "osediff": UpscaleOptions(tile_rule="area"),
     # test_tsdsr.py: torch bicubic x4, process size 512, --align_method wavelet toward the PIL-upsampled input
-    # (adain toward the input itself, as the paper's table with the tsdsr-mse weights), latent tiles 64/8 blending
-    # the velocity, VAE tiles 1024/224.
+    # (adain toward the input itself, as the paper's table with the tsdsr-mse weights), latent tiles 64/8 by the
+    # same rule as OSEDiff, blending the velocity; the VAE untiled (--is_use_tile defaults to False). A host that
+    # runs out of memory turns VAE tiles on (halved_tiles), as it halves them for the other presets.
     "tsdsr": UpscaleOptions(
-        upsample="torch_bicubic", color_fix="wavelet", color_source="input", tile_size=64, tile_overlap=8
+        upsample="torch_bicubic", color_fix="wavelet", color_source="input", tile_size=64, tile_overlap=8,
+        tile_rule="area", vae_encoder_tile_size=0, vae_decoder_tile_size=0,
     ),
 }
 

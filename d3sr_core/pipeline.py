@@ -130,7 +130,7 @@ class Upscaler:
         lh, lw = ph // g.vae_scale_factor, pw // g.vae_scale_factor
         return (
             g.vae_progress_steps("encoder", ph, pw, options.vae_encoder_tile_size)
-            + g.denoise_progress_steps(lh, lw, options.tile_size, options.tile_overlap)
+            + g.denoise_progress_steps(lh, lw, options.tile_size, options.tile_overlap, options.tile_rule)
             + g.vae_progress_steps("decoder", lh, lw, options.vae_decoder_tile_size)
         )
 
@@ -222,6 +222,7 @@ class Upscaler:
                 latents,
                 tile_size=options.tile_size or None,
                 tile_overlap=options.tile_overlap,
+                tile_rule=options.tile_rule,
                 tile_batch_size=options.tile_batch_size,
                 progress=tick,
             )

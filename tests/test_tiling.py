@@ -145,3 +145,93 @@ def test_no_seams_at_tile_borders(monkeypatch, window, seams):
         assert at_border > 2 * elsewhere
     else:
         assert at_border <= elsewhere
+
+
+# The official tiling rule (OSEDiff_test.forward, TSD-SR's tile_sample), against a loop written the way those
+# scripts write it: grid counts from a while loop, offsets row * tile - overlap * row, the last row and column
+# snapped to the end, square Gaussian weights, predictions averaged by the weights.
+
+
+def official_latent_blend(predict, latents: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    _, _, h, w = latents.shape
+    if h * w <= tile * tile:
+        return predict(latents).double()
+    tile = min(tile, min(h, w))
+    var = 0.01
+    x_probs = [math.exp(-(x - (tile - 1) / 2) ** 2 / (tile * tile) / (2 * var)) / math.sqrt(2 * math.pi * var) for x in range(tile)]
+    y_probs = [math.exp(-(y - tile / 2) ** 2 / (tile * tile) / (2 * var)) / math.sqrt(2 * math.pi * var) for y in range(tile)]
+    weights = torch.tensor(np.outer(y_probs, x_probs))
+    grid_x, cur = 0, 0
+    while cur < w:
+        cur = max(grid_x * tile - overlap * grid_x, 0) + tile
+        grid_x += 1
+    grid_y, cur = 0, 0
+    while cur < h:
+        cur = max(grid_y * tile - overlap * grid_y, 0) + tile
+        grid_y += 1
+    total = torch.zeros(latents.shape, dtype=torch.float64)
+    contributors = torch.zeros(latents.shape, dtype=torch.float64)
+    for gx in range(grid_x):
+        for gy in range(grid_y):
+            ofs_x = w - tile if gx == grid_x - 1 else max(gx * tile - overlap * gx, 0)
+            ofs_y = h - tile if gy == grid_y - 1 else max(gy * tile - overlap * gy, 0)
+            window = (slice(None), slice(None), slice(ofs_y, ofs_y + tile), slice(ofs_x, ofs_x + tile))
+            total[window] += predict(latents[window]).double() * weights
+            contributors[window] += weights
+    return total / contributors
+
+
+@pytest.mark.parametrize(
+    "height, width, tile, area, side",
+    [
+        (64, 128, 96, None, (64, 96)),  # a 512 x 1024 output: untiled officially, tiled by the side rule
+        (48, 100, 64, (48, 48), (48, 64)),  # TSD-SR's 48 x 100 latents: square tiles of the short side
+        (100, 48, 64, (48, 48), (64, 48)),
+        (96, 96, 96, None, None),
+        (97, 96, 96, (96, 96), (96, 96)),
+        (200, 300, 96, (96, 96), (96, 96)),
+    ],
+)
+def test_tile_rules_decide_when_to_tile_and_the_tile_shape(height, width, tile, area, side):
+    assert tiling.latent_tile_shape(height, width, tile, "area") == area
+    assert tiling.latent_tile_shape(height, width, tile, "side") == side
+    with pytest.raises(ValueError, match="tile rule 'square' is not one of"):
+        tiling.latent_tile_shape(height, width, tile, "square")
+
+
+@pytest.mark.parametrize("height, width, tile, overlap", [(12, 25, 8, 2), (25, 12, 8, 2), (9, 40, 16, 4), (8, 8, 8, 2), (6, 11, 8, 2)])
+def test_area_rule_equals_the_official_loop_on_non_square_latents(height, width, tile, overlap):
+    torch.manual_seed(height * 100 + width)
+    latents = torch.randn(1, 4, height, width)
+    generator = local_generator()
+    official = official_latent_blend(generator.denoiser, latents, tile, overlap)
+    x0 = generator.denoise(latents, tile_size=tile, tile_overlap=overlap, tile_rule="area")
+    expected = generator.x0(latents, official.float())
+    torch.testing.assert_close(x0, expected, rtol=0, atol=2e-5)
+    # The check can fail: the side rule tiles these latents otherwise (rectangular tiles, or tiles at all).
+    if tiling.latent_tile_shape(height, width, tile, "side") != tiling.latent_tile_shape(height, width, tile, "area"):
+        side = generator.denoise(latents, tile_size=tile, tile_overlap=overlap, tile_rule="side")
+        assert (side - expected).abs().max() > 1e-3
+
+
+def test_presets_tile_as_the_official_scripts_and_a_512_by_1024_output_runs_untiled():
+    from d3sr_core.options import PRESETS
+
+    generator = local_generator()
+    osediff, tsdsr = PRESETS["osediff"], PRESETS["tsdsr"]
+    assert (osediff.tile_rule, tsdsr.tile_rule, UpscaleOptions().tile_rule) == ("area", "area", "side")
+    # 512 x 1024 px is 64 x 128 latents: 8192 <= 96^2 = 9216, so one denoiser call with OSEDiff's tile of 96.
+    assert generator.denoise_progress_steps(64, 128, osediff.tile_size, osediff.tile_overlap, osediff.tile_rule) == 1
+    assert generator.denoise_progress_steps(64, 128, osediff.tile_size, osediff.tile_overlap, "side") == 2
+    # 48 x 100 TSD-SR latents: 48 x 48 tiles at stride 40 -> starts 0, 40, 52 across, one row.
+    assert generator._latent_tiling(48, 100, tsdsr.tile_size, tsdsr.tile_overlap, tsdsr.tile_rule) == ((48, 48), 8)
+    assert generator.denoise_progress_steps(48, 100, tsdsr.tile_size, tsdsr.tile_overlap, tsdsr.tile_rule) == 3
+
+
+def test_tsdsr_preset_runs_the_vae_untiled_and_falls_back_to_tiles_when_memory_runs_out():
+    from d3sr_core.options import PRESETS, halved_tiles
+
+    tsdsr = PRESETS["tsdsr"]
+    assert (tsdsr.vae_encoder_tile_size, tsdsr.vae_decoder_tile_size) == (0, 0)  # test_tsdsr.py: --is_use_tile False
+    retry = halved_tiles(tsdsr)
+    assert retry.vae_encoder_tile_size > 0 and retry.vae_decoder_tile_size > 0

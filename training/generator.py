@@ -46,6 +46,12 @@ VAE_ENCODER_LORA_SUFFIXES = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv
 
 TRAINED_DEFAULTS = UpscaleOptions(upsample="torch_bicubic", color_fix="wavelet")
 """Inference defaults stored in the models we train: the upsampling their training used, the wavelet colour fix."""
+OFFICIAL_SCRIPT_DEFAULTS = {
+    "osediff": {"tile_rule": "area"},
+    "tsdsr": {"tile_rule": "area", "vae_encoder_tile_size": 0, "vae_decoder_tile_size": 0},
+}
+"""Over ``TRAINED_DEFAULTS`` for the methods whose official inference script a trained model mirrors: that script's
+latent tiling rule, and TSD-SR's untiled VAE (see ``d3sr_core.options.PRESETS``)."""
 
 
 @dataclass
@@ -131,13 +137,14 @@ def _conditioning(base: BaseModel, model_config: dict, built: bool) -> tuple[dic
     return zeros, {k: v.clone() for k, v in zeros.items()}
 
 
-def inference_defaults(model_config: dict, scale: int) -> UpscaleOptions:
-    """The upscaling options an exported model carries: ``TRAINED_DEFAULTS`` with ``model.inference_defaults``."""
+def inference_defaults(model_config: dict, scale: int, method: str | None = None) -> UpscaleOptions:
+    """The upscaling options an exported model carries: ``TRAINED_DEFAULTS``, then ``method``'s
+    ``OFFICIAL_SCRIPT_DEFAULTS``, then ``model.inference_defaults``."""
     overrides = model_config.get("inference_defaults") or {}
     unknown = sorted(set(overrides) - set(UpscaleOptions.__dataclass_fields__))
     if unknown:
         raise ValueError(f"model.inference_defaults has no option {unknown[0]!r}; see d3sr_core.options.UpscaleOptions.")
-    return replace(TRAINED_DEFAULTS, scale=scale, **overrides)
+    return replace(TRAINED_DEFAULTS, scale=scale, **{**OFFICIAL_SCRIPT_DEFAULTS.get(method, {}), **overrides})
 
 
 def check_crop_size(data_config: dict, vae: nn.Module, paired: bool = True) -> None:
@@ -229,8 +236,12 @@ class TrainableGenerator(nn.Module):
             if not p.requires_grad:
                 p.data = p.data.to(dtype)
 
-    def forward(self, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        latents = self.generator.encode(lq)
+    def forward(
+        self, lq: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sample``: draw the LR latent from the VAE posterior with ``generator`` (as OSEDiff's and TSD-SR's
+        training do) instead of taking its mode."""
+        latents = self.generator.encode(lq, sample=sample, generator=generator)
         z_hat = self.generator.x0(latents, self.generator.predict(latents))
         return z_hat, self.generator.decode(z_hat)
 
@@ -250,7 +261,7 @@ class TrainableGenerator(nn.Module):
             adapters=list(self.adapters),
             tensors=tensors,
             conditioning={k: v.detach().cpu() for k, v in training_base.conditioning.items()},
-            defaults=inference_defaults(training_config["model"], scale),
+            defaults=inference_defaults(training_config["model"], scale, training_config.get("method")),
             base_configs=training_base.configs,
             base_tensors=dict(training_base.original),
             training_config=training_config,
