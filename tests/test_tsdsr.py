@@ -197,7 +197,8 @@ def test_latents_beyond_the_transformer_positions_are_tiled(sd3_base, tsdsr):
     are tiled at that size even with tiling off, instead of failing inside the transformer."""
     generator = build_generator(load_checkpoint(tsdsr[0]), load_base(sd3_base))
     assert generator.max_latent_side == 64
-    assert generator._latent_tiling(72, 40, None, 8) == (64, 8)
+    assert generator._latent_tiling(72, 40, None, 8) == ((64, 40), 8)
+    assert generator._latent_tiling(72, 40, None, 8, "area") == ((64, 40), 8)  # 72 * 40 <= 64^2, yet beyond them
     assert generator._latent_tiling(40, 40, None, 8) is None
     latents = torch.randn(1, 16, 72, 40, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
