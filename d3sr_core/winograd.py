@@ -14,10 +14,20 @@ NNPACK transforms the whole input and output of a call into 8x8 tiles in one wor
 life of the process (0.46 GiB for 128 channels at 512 x 512, 6.6 GiB for a default VAE decoder tile of 1,968
 pixels). Maps are therefore cut into strips of rows whose transforms fit in :data:`WORKSPACE_BYTES`, and
 convolutions whose transformed filters alone would not fit keep PyTorch's kernels.
+
+Two things keep Winograd from ever breaking an upscale:
+
+* An NNPACK call that fails (an unsupported CPU feature, a workspace it cannot allocate) is answered by PyTorch's
+  own kernel instead, and every later call of the process goes there too, with one warning in the log.
+* PyTorch sizes NNPACK's thread pool once, at its first NNPACK convolution, from ``torch.get_num_threads()`` at that
+  moment (``aten/src/ATen/native/NNPACK.cpp``, ``nnpack_threadpool``), and never resizes it. A host that later
+  changes its thread count (``torch.set_num_threads``) would get NNPACK running on the old count; so whenever the
+  count at call time differs from the pool's, the call runs PyTorch's kernel, which follows the host's count.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -34,6 +44,20 @@ WORKSPACE_BYTES = 64 * 2**20
 transformed filters (8 x 8 floats per filter: 64 MiB for 512 -> 512 channels)."""
 TILE_FLOATS = 8 * 8
 """Floats of one transformed tile of one channel: F(6x6, 3x3) reads 8x8 input pixels per 6x6 output pixels."""
+
+
+_log = logging.getLogger(__name__)
+
+_nnpack_failed = False
+"""Set for the rest of the process by the first NNPACK call that raises."""
+_pool_threads: int | None = None
+"""``torch.get_num_threads()`` at this process's first NNPACK call: the size of NNPACK's thread pool."""
+
+
+def nnpack_usable() -> bool:
+    """Whether NNPACK may run now: no NNPACK call has failed in this process, and its thread pool (sized at the first
+    call) has as many threads as the host currently allows (``torch.get_num_threads()``)."""
+    return not _nnpack_failed and (_pool_threads is None or _pool_threads == torch.get_num_threads())
 
 
 def nnpack_available() -> bool:
@@ -82,9 +106,19 @@ class WinogradConvolutions(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.nn.functional.conv2d:
             x, weight, bias, stride, padding, dilation, groups = _conv2d_arguments(*args, **kwargs)
-            if winograd_eligible(x, weight, stride, padding, dilation, groups):
-                return winograd_conv2d(x, weight, bias, _pair(padding))
+            if nnpack_usable() and winograd_eligible(x, weight, stride, padding, dilation, groups):
+                try:
+                    return winograd_conv2d(x, weight, bias, _pair(padding))
+                except RuntimeError as error:
+                    _give_up_on_nnpack(error)
         return func(*args, **kwargs)
+
+
+def _give_up_on_nnpack(error: RuntimeError) -> None:
+    global _nnpack_failed
+    _nnpack_failed = True
+    _log.warning("NNPACK's Winograd convolution failed (%s); PyTorch's own kernels run instead for the rest of this process.",
+                 str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
 def strip_rows(in_channels: int, out_channels: int, out_width: int) -> int:
@@ -103,6 +137,9 @@ def winograd_conv2d(
     Output row r reads padded input rows r..r+2, that is input rows r - pad .. r + 2 - pad, so each strip takes
     its rows plus a 2-row halo and is zero-padded only where it meets the top or bottom of the map.
     """
+    global _pool_threads
+    if _pool_threads is None:
+        _pool_threads = torch.get_num_threads()  # PyTorch creates NNPACK's pool now, with this many threads
     pad_h, pad_w = padding
     height, width = x.shape[-2:]
     out_height, out_width = height + 2 * pad_h - 2, width + 2 * pad_w - 2

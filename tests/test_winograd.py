@@ -99,3 +99,55 @@ def test_other_convolutions_keep_pytorch_kernels_bit_for_bit(nnpack_calls, monke
         result = F.conv2d(x, weight, **kwargs)
     assert nnpack_calls == []
     assert torch.equal(result, expected)
+
+
+@pytest.fixture
+def fresh_nnpack_state(monkeypatch):
+    """The module's process-wide NNPACK state, restored after the test (a failure must not leak into others)."""
+    monkeypatch.setattr(winograd, "_nnpack_failed", False)
+    monkeypatch.setattr(winograd, "_pool_threads", winograd._pool_threads)
+
+
+def _eligible_conv():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, MIN_IN_CHANNELS, MIN_SIDE, MIN_SIDE, generator=gen)
+    weight = torch.randn(16, MIN_IN_CHANNELS, 3, 3, generator=gen) / 17
+    return x, weight
+
+
+def test_a_failing_nnpack_call_falls_back_to_the_default_kernel_for_the_rest_of_the_process(
+    fresh_nnpack_state, monkeypatch, caplog
+):
+    attempts = []
+
+    def broken(*args, **kwargs):
+        attempts.append(1)
+        raise RuntimeError("NNPACK SpatialConvolution_updateOutput failed\nmore detail")
+
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", broken)
+    x, weight = _eligible_conv()
+    expected = F.conv2d(x, weight, padding=1)
+    with caplog.at_level("WARNING", logger="d3sr_core.winograd"), torch.no_grad(), WinogradConvolutions():
+        first = F.conv2d(x, weight, padding=1)
+        second = F.conv2d(x, weight, padding=1)
+    assert torch.equal(first, expected) and torch.equal(second, expected)  # the default kernel, bit for bit
+    assert attempts == [1]  # NNPACK is not tried again
+    warnings = [r for r in caplog.records if r.name == "d3sr_core.winograd"]
+    assert len(warnings) == 1 and "PyTorch's own kernels run instead" in warnings[0].getMessage()
+    assert "more detail" not in warnings[0].getMessage()  # one line
+
+
+def test_nnpack_runs_only_while_the_host_thread_count_equals_its_pool(fresh_nnpack_state, nnpack_calls):
+    x, weight = _eligible_conv()
+    threads = torch.get_num_threads()
+    expected = F.conv2d(x, weight, padding=1)
+    with torch.no_grad(), WinogradConvolutions():
+        F.conv2d(x, weight, padding=1)
+        assert winograd._pool_threads == threads and len(nnpack_calls) == 1
+        # A pool sized for another count (the host changed torch.set_num_threads since): PyTorch's kernel runs.
+        winograd._pool_threads = threads + 1
+        assert torch.equal(F.conv2d(x, weight, padding=1), expected)
+        assert len(nnpack_calls) == 1
+        winograd._pool_threads = threads
+        F.conv2d(x, weight, padding=1)
+    assert len(nnpack_calls) == 2
