@@ -37,8 +37,11 @@ batch dimension may be missing). Rank and alpha are not stored: rank is read fro
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +74,9 @@ from .lora import (
     unwrapped_name,
     wrapped_name,
 )
-from .options import PRESETS, UpscaleOptions
+from .options import DEFAULT_MAX_SCALE, PRESETS, UpscaleOptions
+
+log = logging.getLogger("d3sr")
 
 FORMAT_NAME = "d3sr-onestep"
 FORMAT_VERSION = 1
@@ -145,45 +150,278 @@ def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
+"""Adapter names become parts of parameter names: no ``.`` or ``/``."""
+MAX_RANK = 1 << 16
+MAX_TIMESTEP = 1 << 16
+MAX_CONFIG_NUMBER = 1 << 20
+"""The largest number a ``base_configs`` entry may hold (channels, sizes, timesteps)."""
+MAX_CONFIG_COUNT = 128
+"""The largest layer count (``layers_per_block``, ``num_layers``, ...) a ``base_configs`` entry may hold."""
+COUNT_KEYS = ("layers_per_block", "num_layers", "transformer_layers_per_block", "num_attention_heads",
+              "attention_head_dim", "num_class_embeds")
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _whole(value, low: int, high: int) -> int:
+    """``value`` (an int, or a string of decimal digits) as an int in ``[low, high]``; ``ValueError`` otherwise."""
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,12}", value.strip()):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number from {low} to {high}")
+    if not low <= value <= high:
+        raise ValueError(f"expected a whole number from {low} to {high}")
+    return value
+
+
+def _adapter(item, index: int) -> AdapterSpec:
+    """One ``adapters`` entry, each field checked (``ValueError`` names the field)."""
+    if not isinstance(item, dict):
+        raise ValueError(f"entry {index} is {_short(item)}, expected an object")
+    for key in ("name", "component", "rank", "alpha", "targets"):
+        if key not in item:
+            raise ValueError(f"entry {index} has no {key!r}")
+    name, component, rank, alpha, targets = (item[k] for k in ("name", "component", "rank", "alpha", "targets"))
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise ValueError(f"entry {index} has the name {_short(name)}, expected letters, digits, _ or - (no . or /)")
+    if component not in COMPONENTS:
+        raise ValueError(f"entry {index} has the component {_short(component)}, expected one of {COMPONENTS}")
+    try:
+        rank = _whole(rank, 1, MAX_RANK)
+    except ValueError as err:
+        raise ValueError(f"entry {index} has the rank {_short(rank)}, {err}") from None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"entry {index} has the alpha {_short(alpha)}, expected a positive number")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t.strip() for t in targets):
+        raise ValueError(f"entry {index} has the targets {_short(targets)}, expected a non-empty list of module names")
+    return AdapterSpec(name, component, rank, float(alpha), tuple(targets))
+
+
+def _adapters(text: str) -> list[AdapterSpec]:
+    items = json.loads(text)
+    if not isinstance(items, list):
+        raise ValueError("expected a JSON list")
+    specs = [_adapter(item, i) for i, item in enumerate(items)]
+    seen = [(s.name, s.component) for s in specs]
+    repeated = next((k for k in seen if seen.count(k) > 1), None)
+    if repeated:
+        raise ValueError(f"the adapter {repeated[0]!r} on {repeated[1]} is listed twice")
+    return specs
+
+
+def _json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def check_base_configs(configs, parts: tuple[str, ...]) -> None:
+    """``base_configs`` must map each of ``parts`` to a config object whose numbers are finite and bounded and whose
+    layer counts are small, so building the base (on the meta device) cannot run away; ``ValueError`` otherwise."""
+    if not isinstance(configs, dict):
+        raise ValueError(f"expected a JSON object, got {type(configs).__name__}")
+    for part in parts:
+        if not isinstance(configs.get(part), dict):
+            raise ValueError(f"{part!r} is {_short(configs.get(part))}, expected a config object")
+
+    def walk(value, where: str, count: bool) -> None:
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            return
+        if isinstance(value, (int, float)):
+            if not math.isfinite(value) or abs(value) > MAX_CONFIG_NUMBER:
+                raise ValueError(f"{where} is {_short(value)}, expected a finite number of at most {MAX_CONFIG_NUMBER}")
+            if count and not (0 <= value <= MAX_CONFIG_COUNT):
+                raise ValueError(f"{where} is {_short(value)}, expected a count from 0 to {MAX_CONFIG_COUNT}")
+            return
+        if isinstance(value, (list, tuple)):
+            if len(value) > 4096:
+                raise ValueError(f"{where} has {len(value)} entries, expected at most 4096")
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]", count)
+            return
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{where}.{key}", count or key in COUNT_KEYS)
+            return
+        raise ValueError(f"{where} is {_short(value)}, expected JSON numbers, strings, lists or objects")
+
+    for part in parts:
+        walk(configs[part], part, False)
+        groups = configs[part].get("norm_num_groups")
+        if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
+            raise ValueError(f"{part}.norm_num_groups is {_short(groups)}, expected a whole number of at least 1")
+        for key in ("block_out_channels", "in_channels", "out_channels", "latent_channels"):
+            value = configs[part].get(key)
+            items = value if isinstance(value, list) else [] if value is None else [value]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items):
+                raise ValueError(f"{part}.{key} is {_short(value)}, expected whole numbers of at least 1")
+
+
+FIELDS_WHAT = {
+    "format_version": "a whole number",
+    "method": "a short name",
+    "base_family": "a short name",
+    "prediction_type": f"one of {PREDICTION_TYPES}",
+    "timestep": f"a whole number from 0 to {MAX_TIMESTEP}",
+    "scale": f"a whole number from 1 to the limit max_scale={DEFAULT_MAX_SCALE}",
+    "adapters": "a JSON list of {name, component, rank, alpha, targets}",
+    "prompt_embedding": "'true' or 'false'",
+    "defaults": "a JSON object of upscaling options",
+    "base_configs": "a JSON object of buildable configs",
+    "training_config": "a JSON object",
+}
+
+
+def _short_name(text: str) -> str:
+    if not isinstance(text, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", text):
+        raise ValueError("expected letters, digits, _, . or -")
+    return text
+
+
+def _prediction_type(text: str) -> str:
+    if text not in PREDICTION_TYPES:
+        raise ValueError(f"expected one of {PREDICTION_TYPES}")
+    return text
+
+
+def _flag(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise ValueError("expected 'true' or 'false'")
+    return text == "true"
+
+
+def _scale(text: str) -> int:
+    scale = _whole(text, 1, 1 << 30)
+    if scale > DEFAULT_MAX_SCALE:
+        raise ValueError(f"it is over the limit max_scale={DEFAULT_MAX_SCALE}")
+    return scale
+
+
+PARSERS = {
+    "format_version": lambda t: _whole(t, 0, 1 << 30),
+    "method": _short_name,
+    "base_family": _short_name,
+    "prediction_type": _prediction_type,
+    "timestep": lambda t: _whole(t, 0, MAX_TIMESTEP),
+    "scale": _scale,
+    "adapters": _adapters,
+    "prompt_embedding": _flag,
+    "defaults": _json_object,
+    "base_configs": _json_object,
+    "training_config": _json_object,
+}
+REQUIRED_FIELDS = ("format_version", "method", "base_family", "prediction_type", "timestep", "scale", "adapters")
+
+
+def parse_metadata(path: Path, meta: dict[str, str]) -> dict:
+    """Our ``__metadata__`` checked field by field (no tensors needed); a field that does not fit gives one
+    sentence naming the file, the field, its value and what was expected."""
+    what = "a d3sr one-step checkpoint (.safetensors with d3sr metadata)"
+    if meta.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{path} has no d3sr metadata (format={_short(meta.get('format'))}); expected {what}.")
+    parsed = {}
+    for name, parse in PARSERS.items():
+        if name not in meta:
+            if name in REQUIRED_FIELDS:
+                raise ModelFileError(f"{path} lacks the metadata field {name!r}; expected {FIELDS_WHAT[name]}.")
+            continue
+        try:
+            parsed[name] = parse(meta[name])
+        except (ValueError, TypeError, RecursionError) as err:  # json.JSONDecodeError is a ValueError
+            detail = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+            raise ModelFileError(
+                f"{path} has the metadata field {name!r} = {_short(meta[name])}, which does not fit ({detail}); "
+                f"expected {FIELDS_WHAT[name]}."
+            ) from None
+    if parsed["format_version"] > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} uses checkpoint format version {parsed['format_version']}, newer than the {FORMAT_VERSION} this d3sr reads; update d3sr."
+        )
+    try:
+        parsed["defaults"] = UpscaleOptions.from_json({**parsed.get("defaults", {}), "scale": parsed["scale"]})
+    except (ValueError, TypeError) as err:
+        detail = str(err).strip().rstrip(".")
+        raise ModelFileError(f"{path} has the metadata field 'defaults' = {_short(meta.get('defaults'))}, which does not fit ({detail}).") from None
+    if "base_configs" in parsed:
+        parts = ("transformer" if parsed["base_family"] == "sd3" else "unet", "vae", "scheduler")
+        try:
+            check_base_configs(parsed["base_configs"], parts)
+        except (ValueError, RecursionError) as err:
+            raise ModelFileError(f"{path} has the metadata field 'base_configs' whose {str(err).rstrip('.')}.") from None
+    return parsed
+
+
+def check_tensors(path: Path | str, tensors: dict[str, torch.Tensor]) -> None:
+    """Every weight must be a floating-point tensor; one sentence naming the first that is not."""
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise ModelFileError(f"{path} holds {type(value).__name__} at {key!r}; expected a tensor.")
+        if not value.is_floating_point():
+            raise ModelFileError(f"{path} holds the tensor {key!r} of type {value.dtype}; expected floating-point weights.")
+
+
 def _read_ours(path: Path) -> OneStepCheckpoint:
     what = "a d3sr one-step checkpoint (.safetensors with d3sr metadata)"
+    parse_metadata(path, _read_metadata(require_file(path, what)))  # the header first: nothing large is read yet
     tensors, meta = read_safetensors(path, what)
-    if meta.get("format") != FORMAT_NAME:
-        raise ModelFileError(f"{path} has no d3sr metadata (format={meta.get('format')!r}); expected {what}.")
-    try:
-        version = int(meta["format_version"])
-        if version > FORMAT_VERSION:
-            raise ModelFileError(
-                f"{path} uses checkpoint format version {version}, newer than the {FORMAT_VERSION} this d3sr reads; update d3sr."
-            )
-        checkpoint = OneStepCheckpoint(
-            method=meta["method"],
-            base_family=meta["base_family"],
-            prediction_type=meta["prediction_type"],
-            timestep=int(meta["timestep"]),
-            adapters=adapters_from_json(meta["adapters"]),
-            tensors={k: v for k, v in tensors.items() if not k.startswith((CONDITIONING_PREFIX, EMBEDDED_BASE_PREFIX))},
-            conditioning=_with_prefix(tensors, CONDITIONING_PREFIX),
-            defaults=UpscaleOptions.from_json({**json.loads(meta.get("defaults", "{}")), "scale": int(meta["scale"])}),
-            source=path,
-            base_configs=json.loads(meta["base_configs"]) if "base_configs" in meta else None,
-            base_tensors=_with_prefix(tensors, EMBEDDED_BASE_PREFIX),
-            training_config=json.loads(meta["training_config"]) if "training_config" in meta else None,
-        )
-    except ModelFileError:
-        raise
-    except (KeyError, ValueError, TypeError) as err:
-        raise ModelFileError(f"{path} has invalid d3sr metadata ({type(err).__name__}: {err}); expected {what}.") from None
-    if checkpoint.prediction_type not in PREDICTION_TYPES:
-        raise ModelFileError(f"{path} declares prediction_type {checkpoint.prediction_type!r}; expected one of {PREDICTION_TYPES}.")
-    if (meta.get("prompt_embedding") == "true") != ("prompt_embeds" in checkpoint.conditioning):
+    fields = parse_metadata(path, meta)
+    check_tensors(path, tensors)
+    checkpoint = OneStepCheckpoint(
+        method=fields["method"],
+        base_family=fields["base_family"],
+        prediction_type=fields["prediction_type"],
+        timestep=fields["timestep"],
+        adapters=fields["adapters"],
+        tensors={k: v for k, v in tensors.items() if not k.startswith((CONDITIONING_PREFIX, EMBEDDED_BASE_PREFIX))},
+        conditioning=_with_prefix(tensors, CONDITIONING_PREFIX),
+        defaults=fields["defaults"],
+        source=path,
+        base_configs=fields.get("base_configs"),
+        base_tensors=_with_prefix(tensors, EMBEDDED_BASE_PREFIX),
+        training_config=fields.get("training_config"),
+    )
+    if fields.get("prompt_embedding", False) != ("prompt_embeds" in checkpoint.conditioning):
         raise ModelFileError(f"{path} metadata says prompt_embedding={meta.get('prompt_embedding')!r} but the tensor does not agree.")
-    for spec in checkpoint.adapters:
-        if spec.component not in COMPONENTS:
-            raise ModelFileError(f"{path} has an adapter on {spec.component!r}; expected one of {COMPONENTS}.")
     if (checkpoint.base_configs is None) != (not checkpoint.base_tensors):
         raise ModelFileError(f"{path} has base_configs metadata and base.* weights that do not come together.")
+    check_lora_ranks(checkpoint)
     return checkpoint
+
+
+LORA_KEY = re.compile(r"(?P<component>[^.]+)\.(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight")
+
+
+def check_lora_ranks(checkpoint: OneStepCheckpoint) -> None:
+    """Every adapter's LoRA tensors must have the rank its spec declares (``lora_A`` ``(rank, in, ...)``, ``lora_B``
+    ``(out, rank, ...)``), and every adapter must have some: a forged rank is refused before anything is built."""
+    source = checkpoint.source or "the checkpoint"
+    specs = {(s.component, s.name): s for s in checkpoint.adapters}
+    found = set()
+    for key, value in checkpoint.tensors.items():
+        match = LORA_KEY.fullmatch(key)
+        if match is None:
+            continue
+        spec = specs.get((match["component"], match["adapter"]))
+        if spec is None:
+            raise ModelFileError(
+                f"{source} has the LoRA weight {key!r} of an adapter {match['adapter']!r} on {match['component']} "
+                "that its adapter list does not declare."
+            )
+        rank_dim = 0 if match["ab"] == "A" else 1
+        if value.ndim < 2 or value.shape[rank_dim] != spec.rank:
+            raise ModelFileError(
+                f"{source} has the LoRA weight {key!r} of shape {tuple(value.shape)}, but its adapter {spec.name!r} on "
+                f"{spec.component} declares rank {spec.rank} (the rank field and the tensors disagree)."
+            )
+        found.add((spec.component, spec.name))
+    for key, spec in specs.items():
+        if key not in found:
+            raise ModelFileError(f"{source} declares the {spec.component} adapter {spec.name!r} but holds none of its LoRA weights.")
 
 
 OSEDIFF_KEYS = (
@@ -199,14 +437,37 @@ OSEDIFF_KEYS = (
 
 
 def read_osediff_pkl(path: str | os.PathLike) -> OneStepCheckpoint:
-    """An official OSEDiff ``.pkl`` as a :class:`OneStepCheckpoint` (3 UNet adapters, 1 VAE-encoder adapter, full conv_in)."""
+    """An official OSEDiff ``.pkl`` as a :class:`OneStepCheckpoint` (3 UNet adapters, 1 VAE-encoder adapter, full conv_in).
+
+    Every field is checked (types, ranks against the LoRA tensors) before anything is built."""
     path = Path(path)
     what = "an OSEDiff checkpoint (.pkl written by OSEDiff_gen.save_model)"
     obj = read_pickle(path, what)
-    missing = [k for k in OSEDIFF_KEYS if not isinstance(obj, dict) or k not in obj]
+    if not isinstance(obj, dict):
+        raise ModelFileError(f"{path} holds {type(obj).__name__}, not a dict; expected {what}.")
+    missing = [k for k in OSEDIFF_KEYS if k not in obj]
     if missing:
         raise ModelFileError(f"{path} lacks the key {missing[0]!r}; expected {what}.")
-    rank_unet, rank_vae = int(obj["rank_unet"]), int(obj["rank_vae"])
+    ranks = {}
+    for key in ("rank_unet", "rank_vae"):
+        try:
+            ranks[key] = _whole(obj[key], 1, MAX_RANK)
+        except ValueError as err:
+            raise ModelFileError(f"{path} has the field {key!r} = {_short(obj[key])}; {err}.") from None
+    for key in OSEDIFF_KEYS[:4]:
+        modules = obj[key]
+        if not isinstance(modules, (list, tuple)) or not modules or not all(isinstance(m, str) and m for m in modules):
+            raise ModelFileError(f"{path} has the field {key!r} = {_short(modules)}; expected a non-empty list of module names.")
+    for key in ("state_dict_unet", "state_dict_vae"):
+        state = obj[key]
+        if not isinstance(state, dict):
+            raise ModelFileError(f"{path} has the field {key!r} of type {type(state).__name__}; expected a dict of tensors.")
+        for name, value in state.items():
+            if not isinstance(name, str):
+                raise ModelFileError(f"{path} has the field {key!r} with the key {_short(name)}; expected parameter names.")
+            if not isinstance(value, torch.Tensor):
+                raise ModelFileError(f"{path} holds a non-tensor at {key} key {name!r}; expected {what}.")
+    rank_unet, rank_vae = ranks["rank_unet"], ranks["rank_vae"]
 
     def spec(name: str, component: str, rank: int, modules: list) -> AdapterSpec:
         # The VAE module list can repeat names (its collection loop has no break); order is kept, repeats dropped.
@@ -221,10 +482,9 @@ def read_osediff_pkl(path: str | os.PathLike) -> OneStepCheckpoint:
     tensors = {}
     for component, state in (("unet", obj["state_dict_unet"]), ("vae", obj["state_dict_vae"])):
         for key, value in state.items():
-            if not isinstance(value, torch.Tensor):
-                raise ModelFileError(f"{path} holds a non-tensor at {component} key {key!r}; expected {what}.")
             tensors[f"{component}.{unwrapped_name(key)}"] = value
-    return OneStepCheckpoint(
+    check_tensors(path, tensors)
+    checkpoint = OneStepCheckpoint(
         method="osediff",
         base_family="sd2",
         prediction_type="epsilon",
@@ -234,6 +494,8 @@ def read_osediff_pkl(path: str | os.PathLike) -> OneStepCheckpoint:
         defaults=PRESETS["osediff"],
         source=path,
     )
+    check_lora_ranks(checkpoint)
+    return checkpoint
 
 
 TSDSR_TRANSFORMER_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
@@ -254,11 +516,20 @@ def read_tsdsr_lora(file: Path, component: str, rank: int | None, what: str) -> 
         tensors[f"{component}.{match[1]}.lora_{match[2]}.default.weight"] = value
         if match[2] == "A":
             modules.append(match[1])
+    check_tensors(file, state)
+    flat = [k for k, v in state.items() if v.ndim < 2]
+    if flat:
+        raise ModelFileError(f"{file} has the LoRA weight {flat[0]!r} with fewer than 2 dimensions; expected a matrix.")
+    if not modules:
+        raise ModelFileError(f"{file} holds no lora_A weights; expected {what}.")
     ranks = sorted({state[f"transformer.{m}.lora_A.weight"].shape[0] for m in modules})
     if len(ranks) != 1:
         raise ModelFileError(f"{file} mixes LoRA ranks {ranks}; expected one rank for the whole file.")
     if rank is not None and rank != ranks[0]:
         raise ModelFileError(f"{file} holds rank-{ranks[0]} LoRA weights, but rank {rank} was given.")
+    bad = [k for k, v in state.items() if ".lora_B." in k and v.shape[1] != ranks[0]]
+    if bad:
+        raise ModelFileError(f"{file} has the LoRA weight {bad[0]!r} of shape {tuple(state[bad[0]].shape)}; expected rank {ranks[0]} in its second dimension.")
     return tensors, ranks[0], tuple(modules)
 
 
@@ -356,22 +627,83 @@ def write_tsdsr_dir(checkpoint: OneStepCheckpoint, path: str | os.PathLike) -> P
     return Path(path)
 
 
-def peek(path: str | os.PathLike) -> tuple[str, int]:
-    """``(base family, trained scale)`` of a checkpoint, read without loading its tensors (a TSD-SR folder is SD3
-    x4, an OSEDiff file SD 2.x x4, ours says so in its metadata)."""
+@dataclass(frozen=True)
+class ModelHeader:
+    """What a host needs to list a model, read without loading tensors."""
+
+    family: str
+    scale: int
+    embeds_base: bool
+
+
+def read_header(path: str | os.PathLike) -> ModelHeader:
+    """The header of a checkpoint, read cheaply (no tensors): ours is read and checked field by field from its
+    ``__metadata__`` (safetensors also checks the file is as long as its header says); an OSEDiff file must be a
+    complete torch zip archive or a pickle; a TSD-SR folder's two ``.safetensors`` headers must read. Raises
+    :class:`ModelFileError` (one sentence) for a file that would not load."""
     path = Path(path)
     if path.is_dir():
-        return "sd3", 4
+        for name in ("transformer.safetensors", "vae.safetensors"):
+            _read_metadata(require_file(path / name, "a TSD-SR LoRA folder (transformer.safetensors and vae.safetensors)"))
+        return ModelHeader("sd3", 4, False)
+    what = "a one-step SR checkpoint (.safetensors, OSEDiff .pkl, or a TSD-SR folder)"
+    require_file(path, what)
     if path.suffix == ".safetensors":
-        meta = _read_metadata(path)
-        return meta.get("base_family", "unknown"), int(meta.get("scale", 4))
-    return "sd2", 4
+        fields = parse_metadata(path, _read_metadata(path))
+        return ModelHeader(fields["base_family"], fields["scale"], "base_configs" in fields)
+    if path.suffix in PICKLE_SUFFIXES:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:4] == b"PK\x03\x04":
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    if not any(n.endswith("data.pkl") for n in archive.namelist()):
+                        raise ModelFileError(f"{path} is a zip archive without data.pkl; expected {what}.")
+            except (zipfile.BadZipFile, OSError) as err:
+                raise ModelFileError(f"{path} is a damaged torch file ({err}); expected {what}.") from None
+        elif head[:1] != b"\x80":
+            raise ModelFileError(f"{path} is neither a torch zip archive nor a pickle; expected {what}.")
+        return ModelHeader("sd2", 4, False)
+    raise ModelFileError(f"{path} has an unknown extension; expected {what}.")
+
+
+_HEADERS: dict[tuple, ModelHeader | str] = {}
+
+
+def listable_models(candidates: dict[str, str | os.PathLike]) -> dict[str, tuple[str, ModelHeader]]:
+    """``name -> (path, header)`` for the candidates whose header reads; each one that does not is left out with
+    one log line (once per file version). Never raises: hosts call it while building their model lists."""
+    listed = {}
+    for name, path in candidates.items():
+        try:
+            stat = os.stat(path)
+            key = (str(path), stat.st_mtime_ns, stat.st_size)
+            if key not in _HEADERS:
+                try:
+                    _HEADERS[key] = read_header(path)
+                except (ModelFileError, OSError, ValueError) as err:
+                    _HEADERS[key] = str(err)
+                    log.warning("d3sr: left out of the model list: %s", err)
+        except OSError as err:
+            log.warning("d3sr: left out of the model list: %s cannot be read (%s).", path, err.strerror)
+            continue
+        header = _HEADERS[key]
+        if isinstance(header, ModelHeader):
+            listed[name] = (str(path), header)
+    return listed
+
+
+def peek(path: str | os.PathLike) -> tuple[str, int]:
+    """``(base family, trained scale)`` of a checkpoint, read without loading its tensors (a TSD-SR folder is SD3
+    x4, an OSEDiff file SD 2.x x4, ours says so in its metadata). Raises :class:`ModelFileError` for a bad file."""
+    header = read_header(path)
+    return header.family, header.scale
 
 
 def embeds_base(path: str | os.PathLike) -> bool:
     """Whether the checkpoint at ``path`` is self-contained (stores its base model), read from its metadata."""
     path = Path(path)
-    return path.is_file() and path.suffix == ".safetensors" and "base_configs" in _read_metadata(path)
+    return path.is_file() and path.suffix == ".safetensors" and read_header(path).embeds_base
 
 
 def embedded_base(checkpoint: OneStepCheckpoint) -> BaseModel:
@@ -382,7 +714,16 @@ def embedded_base(checkpoint: OneStepCheckpoint) -> BaseModel:
     builders = {"sd2": sd2_base_from_embedded, "sd3": sd3_base_from_embedded}
     if checkpoint.base_family not in builders:
         raise ModelFileError(f"{source} embeds a {checkpoint.base_family} base; only SD 2.x- and SD3-shaped bases can be embedded.")
-    return builders[checkpoint.base_family](checkpoint.base_configs, checkpoint.base_tensors, source)
+    parts = ("transformer" if checkpoint.base_family == "sd3" else "unet", "vae", "scheduler")
+    try:
+        check_base_configs(checkpoint.base_configs, parts)
+        return builders[checkpoint.base_family](checkpoint.base_configs, checkpoint.base_tensors, source)
+    except ModelFileError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, RuntimeError,
+            AssertionError, RecursionError) as err:
+        detail = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+        raise ModelFileError(f"{source} has the metadata field 'base_configs' that cannot build its base ({detail}).") from None
 
 
 def load_checkpoint(path: str | os.PathLike, *, embeddings_dir: str | os.PathLike | None = None) -> OneStepCheckpoint:
@@ -419,6 +760,7 @@ def _load_component(model: torch.nn.Module, component: str, checkpoint: OneStepC
     """Add the component's adapters to ``model`` and copy every checkpoint tensor of the component into it."""
     source = checkpoint.source or "the checkpoint"
     specs = [s for s in checkpoint.adapters if s.component == component]
+    _check_lora_fits(model, component, specs, checkpoint)
     try:
         add_adapters(model, specs)
     except ValueError as err:  # peft: no target matched
@@ -441,8 +783,46 @@ def _load_component(model: torch.nn.Module, component: str, checkpoint: OneStepC
                 f"{source} has {component} weight {key!r} of shape {tuple(value.shape)}, but the base model expects "
                 f"{tuple(params[target].shape)}: the checkpoint was made for a different base model."
             )
+        if not value.is_floating_point():
+            raise ModelFileError(f"{source} has {component} weight {key!r} of type {value.dtype}; expected floating point.")
         with torch.no_grad():
             params[target].copy_(value)
+
+
+def _in_out(module: torch.nn.Module) -> tuple[int, int] | None:
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, torch.nn.Conv2d):
+        return module.in_channels, module.out_channels
+    return None
+
+
+def _check_lora_fits(model: torch.nn.Module, component: str, specs: list[AdapterSpec], checkpoint: OneStepCheckpoint) -> None:
+    """Before any adapter is added (which allocates ``rank x features`` per layer): every layer an adapter's targets
+    name (peft's rule: the name, or a name ending in ``.target``) must have its ``lora_A`` and ``lora_B`` in the
+    checkpoint with the base layer's in/out sizes and the adapter's rank. So what is allocated is what the file
+    holds, and a forged rank, a rank mismatch or a foreign base is one sentence that says which."""
+    source = checkpoint.source or "the checkpoint"
+    layers = {name: _in_out(m) for name, m in model.named_modules() if _in_out(m) is not None}
+    for spec in specs:
+        matched = [n for n in layers if any(n == t or n.endswith("." + t) for t in spec.targets)]
+        for name in matched:
+            (n_in, n_out), prefix = layers[name], f"{component}.{name}"
+            a = checkpoint.tensors.get(f"{prefix}.lora_A.{spec.name}.weight")
+            b = checkpoint.tensors.get(f"{prefix}.lora_B.{spec.name}.weight")
+            if a is None or b is None:
+                missing = f"{name}.lora_{'A' if a is None else 'B'}.{spec.name}.weight"
+                raise ModelFileError(f"{source} lacks the {component} LoRA weight {missing!r} that its adapter list implies.")
+            if a.ndim < 2 or b.ndim < 2 or a.shape[0] != spec.rank or b.shape[1] != spec.rank:
+                raise ModelFileError(
+                    f"{source} has {component} LoRA weights of shapes {tuple(a.shape)} and {tuple(b.shape)} at {name!r}, "
+                    f"but its adapter {spec.name!r} declares rank {spec.rank}: the rank and the tensors disagree."
+                )
+            if a.shape[1] != n_in or b.shape[0] != n_out:
+                raise ModelFileError(
+                    f"{source} has {component} LoRA weights for {name!r} of {a.shape[1]} inputs and {b.shape[0]} outputs, "
+                    f"but that layer of the base model has {n_in} and {n_out}: the checkpoint was made for a different base model."
+                )
 
 
 def _has_module(model: torch.nn.Module, key: str) -> bool:
@@ -477,6 +857,14 @@ def build_generator(
             f"{source} expects a base with {checkpoint.prediction_type} prediction, but {base.source} uses "
             f"{config.get('prediction_type')}."
         )
+    if checkpoint.prediction_type != "flow":
+        steps = config.get("num_train_timesteps", 1000)
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_TIMESTEP + 1:
+            raise ModelFileError(f"{base.source} has the scheduler field num_train_timesteps={_short(steps)}; expected a whole number from 1 to {MAX_TIMESTEP + 1}.")
+        if not 0 <= checkpoint.timestep < steps:
+            raise ModelFileError(
+                f"{source} has the metadata field 'timestep' = {checkpoint.timestep}, outside the base's {steps} timesteps."
+            )
     foreign = sorted({k.split(".")[0] for k in checkpoint.tensors} - {base.denoiser_component, "vae"})
     if foreign:
         raise ModelFileError(f"{source} has {foreign[0]} weights, but {base.source} has no {foreign[0]}.")
@@ -490,9 +878,13 @@ def build_generator(
         if name not in conditioning or conditioning[name].shape[-1] != width:
             found = tuple(conditioning[name].shape) if name in conditioning else "nothing"
             raise ModelFileError(f"{source} gives {name} of shape {found}; {base.source} expects a last dimension of {width}.")
-    generator = generator_on_base(
-        base, prediction_type=checkpoint.prediction_type, timestep=checkpoint.timestep, conditioning=conditioning
-    )
+    try:
+        generator = generator_on_base(
+            base, prediction_type=checkpoint.prediction_type, timestep=checkpoint.timestep, conditioning=conditioning
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        detail = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+        raise ModelFileError(f"{base.source} has a scheduler config that does not fit ({type(err).__name__}: {detail}).") from None
     if merge_lora:
         merge_adapters(base.denoiser)
         merge_adapters(base.vae)

@@ -6,9 +6,12 @@ unpickler admits only tensors, dicts, lists, tuples, strings and numbers: a mode
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +19,19 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
+try:
+    import fcntl
+except ImportError:  # Windows: temporary files are not locked, and a run's folder lock uses msvcrt
+    fcntl = None
+
 PICKLE_SUFFIXES = (".pkl", ".ckpt", ".pt", ".pth", ".bin")
+LOCK_NAME = ".lock"
+"""The file inside a temporary folder (or a run's output folder) its owner holds an ``flock`` on while it lives."""
+STALE_AFTER_S = 10.0
+"""A temporary file or folder nobody holds a lock on is swept only once it is this old (its owner may be about to
+take the lock)."""
+
+log = logging.getLogger("d3sr")
 
 
 class ModelFileError(ValueError):
@@ -78,12 +93,18 @@ def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tenso
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on failure removed.
 
-    Readers therefore see either the old file or the complete new one, never a half-written file.
+    Readers therefore see either the old file or the complete new one, never a half-written file. The temporary
+    file (``.<stem>.*<suffix>.tmp``) is ``flock``-ed while it lives, so :func:`sweep_stale_temporaries` can tell
+    one a killed process left behind from one that is being written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp", dir=path.parent)
-    os.close(fd)
+    if fcntl is None:  # Windows cannot rename a file that is open
+        os.close(fd)
+        fd = None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_EX)
     tmp = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
@@ -92,8 +113,12 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the result gets the usual mode
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            if tmp.exists():
+                tmp.unlink()
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
 
 
 @contextmanager
@@ -125,3 +150,119 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting; whether it was free."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        return False
+    return True
+
+
+def _unlocked_and_old(lock_file: Path, now: float) -> bool:
+    """Whether nobody holds a lock on ``lock_file`` and it is older than :data:`STALE_AFTER_S`."""
+    if fcntl is None:
+        return now - lock_file.stat().st_mtime > 3600
+    try:
+        if now - lock_file.stat().st_mtime < STALE_AFTER_S:
+            return False
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return _try_lock(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def temporary_folder(prefix: str, dir: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A fresh folder ``<dir>/<prefix>*`` (the system temp folder by default), removed on leaving, also when
+    ``KeyboardInterrupt`` or a signal turned into an exception ends the block. The owner holds an ``flock`` on its
+    ``.lock`` file while it lives; the lock dies with the process, so :func:`sweep_stale_temporaries` removes the
+    folder a ``SIGKILL`` left behind on the next start."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    fd = os.open(folder / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        _try_lock(fd)  # a fresh folder: nobody else can hold it
+        yield folder
+    finally:
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def sweep_stale_temporaries(prefix: str, dir: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the ``<dir>/<prefix>*`` folders of :func:`temporary_folder` and the ``<dir>/<prefix>*.tmp`` files of
+    :func:`atomic_output` whose owner is gone (no lock held, older than :data:`STALE_AFTER_S`); returns what was
+    removed. Folders without a lock file (written before locks existed) count as stale after an hour."""
+    root = Path(dir) if dir is not None else Path(tempfile.gettempdir())
+    removed, now = [], time.time()
+    try:
+        candidates = list(root.glob(f"{prefix}*"))
+    except OSError:
+        return removed
+    for item in candidates:
+        try:
+            if item.is_dir() and not item.is_symlink():
+                lock = item / LOCK_NAME
+                stale = _unlocked_and_old(lock, now) if lock.exists() else now - item.stat().st_mtime > 3600
+                if stale:
+                    shutil.rmtree(item, ignore_errors=True)
+                    removed.append(item)
+            elif item.is_file() and item.name.endswith(".tmp") and _unlocked_and_old(item, now):
+                item.unlink()
+                removed.append(item)
+        except OSError:
+            continue
+    for item in removed:
+        log.info("d3sr: removed %s, left behind by a process that was killed", item)
+    return removed
+
+
+class FolderLockedError(RuntimeError):
+    """Another live process holds the folder; the message is one sentence."""
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``<folder>/.lock``, held from :meth:`acquire` until :meth:`release` or the end
+    of the process (the kernel drops it when the process dies, ``SIGKILL`` included)."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "the folder"):
+        self.folder = Path(folder)
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
+        if not _try_lock(fd):
+            os.close(fd)
+            holder = (self.folder / LOCK_NAME).read_text(errors="replace").strip() or "another process"
+            raise FolderLockedError(
+                f"{self.folder} is in use by {holder}; wait for it to end or choose another {self.what}."
+            ) from None
+        if fcntl is not None:  # msvcrt locks the first byte against writes too
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()}".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -13,6 +13,20 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 VAE_SAMPLE_MODES = ("mode", "sample")
 COLOR_SOURCES = ("upsampled", "input")
 
+DEFAULT_MAX_SCALE = 16
+"""The largest ``scale`` allowed unless the user raises ``max_scale``."""
+DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
+"""The most pixels an image may be processed at (output, or the larger processing size) unless the user raises
+``max_output_pixels``: 67 megapixels, about 0.8 GB per float32 RGB copy, what a workstation holds a few of."""
+LIMIT_FIELDS = ("max_scale", "max_output_pixels")
+"""Fields set by the user or host only: a model file's stored defaults never raise them."""
+_INT_FIELDS = ("scale", "min_process_side", "tile_size", "tile_overlap", "vae_encoder_tile_size",
+               "vae_decoder_tile_size", "tile_batch_size", "max_scale", "max_output_pixels")
+
+
+class LimitError(ValueError):
+    """A request over ``max_scale`` or ``max_output_pixels``; the message is one sentence that says so."""
+
 
 @dataclass(frozen=True)
 class UpscaleOptions:
@@ -39,6 +53,10 @@ class UpscaleOptions:
             ``input`` (as TSD-SR: the input itself for AdaIN, its PIL-bicubic upsampling for the wavelet fix).
         vae_sample: ``mode`` (deterministic) or ``sample`` (seeded with ``seed``).
         seed: seeds the posterior sample.
+        max_scale: the largest ``scale`` accepted (raise it to allow more).
+        max_output_pixels: the most pixels an image may be processed at, the output or the larger processing size
+            that ``min_process_side`` asks for (raise it to allow more). Checked by :meth:`check_size` before
+            anything is allocated.
     """
 
     scale: int = 4
@@ -55,8 +73,22 @@ class UpscaleOptions:
     color_source: str = "upsampled"
     vae_sample: str = "mode"
     seed: int | None = None
+    max_scale: int = DEFAULT_MAX_SCALE
+    max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS
 
     def __post_init__(self) -> None:
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name}={value!r} is not allowed; expected a whole number.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed={self.seed!r} is not allowed; expected a whole number or None.")
+        if self.max_scale < 1 or self.max_output_pixels < 1:
+            raise ValueError(f"max_scale={self.max_scale} and max_output_pixels={self.max_output_pixels} must be at least 1.")
+        if self.scale > self.max_scale:
+            raise LimitError(
+                f"scale={self.scale} is over the limit max_scale={self.max_scale}; raise max_scale to allow it."
+            )
         checks = [
             (self.scale >= 1, "scale", "a whole number of at least 1"),
             (self.upsample in UPSAMPLERS, "upsample", f"one of {UPSAMPLERS}"),
@@ -78,14 +110,35 @@ class UpscaleOptions:
         for ok, name, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; expected {allowed}.")
+        if self.min_process_side**2 > self.max_output_pixels:
+            raise LimitError(
+                f"min_process_side={self.min_process_side} would process every image at over "
+                f"max_output_pixels={self.max_output_pixels} pixels; raise max_output_pixels to allow it."
+            )
+
+    def check_size(self, height: int, width: int, processed: tuple[int, int]) -> None:
+        """Refuse, in one sentence, an ``height x width`` input whose output (``scale`` x) or processing size
+        ``processed`` has more than ``max_output_pixels`` pixels. Pure arithmetic: call it before allocating."""
+        out_h, out_w = height * self.scale, width * self.scale
+        pixels = max(out_h * out_w, processed[0] * processed[1])
+        if pixels > self.max_output_pixels:
+            at = f"{out_w}x{out_h}" if processed == (out_h, out_w) else f"{out_w}x{out_h}, processed at {processed[1]}x{processed[0]},"
+            raise LimitError(
+                f"a {width}x{height} image at scale {self.scale} would be {at} {pixels} pixels, over the limit "
+                f"max_output_pixels={self.max_output_pixels}; raise max_output_pixels to allow it."
+            )
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The upscaling fields (not the limits, which belong to the user, not to a model file)."""
+        return {k: v for k, v in asdict(self).items() if k not in LIMIT_FIELDS}
 
     @classmethod
-    def from_json(cls, data: dict) -> "UpscaleOptions":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_json(cls, data: dict, **limits) -> "UpscaleOptions":
+        """Options from stored JSON; limit fields in ``data`` are ignored, ``limits`` sets them."""
+        if not isinstance(data, dict):
+            raise ValueError(f"the options must be a JSON object, not {type(data).__name__}.")
+        known = {f.name for f in fields(cls)} - set(LIMIT_FIELDS)
+        return cls(**{k: v for k, v in data.items() if k in known}, **limits)
 
     def updated(self, **changes) -> "UpscaleOptions":
         """A copy with the given fields changed; ``None`` values leave a field as it is."""

@@ -74,10 +74,13 @@ UPSAMPLE_FNS = {"pil_bicubic": pil_bicubic_resize, "torch_bicubic": torch_bicubi
 def processing_size(height: int, width: int, options: UpscaleOptions) -> tuple[int, int]:
     """Size at which an ``height x width`` input is processed: ``scale`` x the input, or larger so that the short
     side reaches ``min_process_side`` as the official scripts do, but never so large that the long side passes
-    ``max(scale x long side, 4 x min_process_side)`` (a 3 x 500 strip is not processed at 512 x 85,000)."""
+    ``max(scale x long side, 4 x min_process_side)`` (a 3 x 500 strip is not processed at 512 x 85,000).
+    Raises ``LimitError`` when the output or the processing size is over ``options.max_output_pixels``."""
     long_limit = max(options.scale * max(height, width), 4 * options.min_process_side)
     factor = max(float(options.scale), min(options.min_process_side / min(height, width), long_limit / max(height, width)))
-    return round(height * factor), round(width * factor)
+    size = round(height * factor), round(width * factor)
+    options.check_size(height, width, size)
+    return size
 
 
 class Upscaler:
@@ -148,12 +151,12 @@ class Upscaler:
         batch, channels, height, width = images.shape
         if height == 0 or width == 0 or batch == 0:
             raise ValueError(f"images must have at least one pixel; got shape {tuple(images.shape)}.")
+        process_size = processing_size(height, width, options)  # refuses sizes over the limit, before allocating
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or infinite values; expected finite values in [0, 1].")
         images = images.float().clamp(0, 1)
         rgb = images[:, :3] if channels != 1 else images.expand(-1, 3, -1, -1)
         out_size = (height * options.scale, width * options.scale)
-        process_size = processing_size(height, width, options)
         upsample = UPSAMPLE_FNS[options.upsample]
         source = upsample(rgb, process_size)
         result = self._run(source, options, progress)

@@ -20,7 +20,6 @@ mid-block self-attention attends within a tile. Padding of 32 image pixels (enco
 from __future__ import annotations
 
 import math
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .files import temporary_folder
+
+TILE_FOLDER_PREFIX = "d3sr-vae-tiles-"
 
 Step = tuple[str, object]
 """``("call", fn)``: x = fn(x); ``("save", None)``: keep x as the residual; ``("add", (shortcut, scale))``:
@@ -213,8 +216,8 @@ def _store(kind: str) -> Iterator[_Store]:
     if kind == "ram":
         yield _Store(None)
         return
-    with tempfile.TemporaryDirectory(prefix="d3sr-vae-tiles-") as folder:
-        yield _Store(Path(folder))
+    with temporary_folder(TILE_FOLDER_PREFIX) as folder:  # locked while it lives, swept after a SIGKILL
+        yield _Store(folder)
 
 
 def _core_of(x: torch.Tensor, tile: _Tile) -> torch.Tensor:
