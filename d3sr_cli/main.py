@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -11,7 +14,16 @@ from d3sr_core.color import COLOR_FIXES
 from d3sr_core.files import ModelFileError
 from d3sr_core.image_io import IMAGE_SUFFIXES, ImageFileError
 from d3sr_core.metrics import ALL_METRICS
-from d3sr_core.options import DTYPES, UPSAMPLERS, VAE_SAMPLE_MODES, vae_tile_sizes
+from d3sr_core.files import FolderLockedError
+from d3sr_core.options import (
+    DEFAULT_MAX_OUTPUT_PIXELS,
+    DEFAULT_MAX_SCALE,
+    DTYPES,
+    UPSAMPLERS,
+    VAE_SAMPLE_MODES,
+    UpscaleOptions,
+    vae_tile_sizes,
+)
 from d3sr_core.tiled_vae import TILE_STORES
 
 from .host_memory import fix_mmap_threshold
@@ -26,6 +38,31 @@ WINOGRAD_HELP = (
 
 class CommandError(Exception):
     """Ends the command with one sentence on stderr and exit status 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so every ``with`` block cleans up as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+def _options_from_args(args: argparse.Namespace, defaults: UpscaleOptions, vae_scale_factor: int) -> UpscaleOptions:
+    return defaults.updated(
+        scale=args.scale,
+        upsample=args.upsample,
+        tile_size=args.tile_size,
+        tile_overlap=args.tile_overlap,
+        **vae_tile_sizes(args.vae_tile_size, vae_scale_factor),
+        tile_batch_size=args.tile_batch_size,
+        color_fix=args.color_fix,
+        vae_sample=args.vae_sample,
+        seed=args.seed,
+        vae_tile_store=args.vae_tile_store,
+        max_scale=args.max_scale,
+        max_output_pixels=args.max_output_pixels,
+    )
 
 
 def _add_upscale(sub) -> None:
@@ -60,6 +97,11 @@ def _add_upscale(sub) -> None:
     p.add_argument("--vae-tile-store", choices=TILE_STORES,
                    help="where VAE tiles wait between GroupNorm stages: ram, or disk (memory bounded by one tile, same "
                    "result; also keeps glibc from holding on to freed tile memory)")
+    p.add_argument("--max-scale", type=int, default=DEFAULT_MAX_SCALE,
+                   help=f"refuse a --scale (or a model's scale) above this (default {DEFAULT_MAX_SCALE})")
+    p.add_argument("--max-output-pixels", type=int, default=DEFAULT_MAX_OUTPUT_PIXELS,
+                   help="refuse an image whose output, or processing size, has more pixels than this "
+                   f"(default {DEFAULT_MAX_OUTPUT_PIXELS}, 8192x8192)")
     p.set_defaults(run=run_upscale)
 
 
@@ -114,6 +156,9 @@ def run_eval(args: argparse.Namespace) -> int:
         if path:
             with atomic_output(path) as tmp:
                 tmp.write_text(text)
+    if report["images"] == 0:
+        print(f"d3sr: error: no image pair of {args.pred} and {args.gt} was scored (see the warnings above).", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -195,6 +240,7 @@ def _device(name: str | None):
 def run_upscale(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from d3sr_core.files import sweep_stale_temporaries
     from d3sr_core.image_io import list_images, read_image, write_png
     from d3sr_core.loading import load_model
     from d3sr_core.pipeline import Upscaler
@@ -214,6 +260,19 @@ def run_upscale(args: argparse.Namespace) -> int:
     clobbered = [f for f in files if (out_dir / f"{f.stem}.png").resolve() == f.resolve()]
     if clobbered:
         raise CommandError(f"the result for {clobbered[0]} would overwrite it; choose another --output-dir.")
+    # Options and the output folder are checked before the model loads, so a typo costs no loading time.
+    try:
+        _options_from_args(args, UpscaleOptions(), 8)
+    except ValueError as err:
+        raise CommandError(f"the options do not fit: {err}") from None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CommandError(f"--output-dir {out_dir} cannot be created ({err.strerror}).") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise CommandError(f"--output-dir {out_dir} is not writable by this user.")
+    for name in {f.stem for f in files}:  # half-written results a killed run left behind
+        sweep_stale_temporaries(f".{glob.escape(name)}.", out_dir, file_suffix=".png.tmp")
     if not args.model:
         from d3sr_core.loading import DEFAULT_MODEL
 
@@ -229,18 +288,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         merge_lora=not args.no_merge_lora,
     )
-    options = loaded.defaults.updated(
-        scale=args.scale,
-        upsample=args.upsample,
-        tile_size=args.tile_size,
-        tile_overlap=args.tile_overlap,
-        **vae_tile_sizes(args.vae_tile_size, loaded.generator.vae_scale_factor),
-        tile_batch_size=args.tile_batch_size,
-        color_fix=args.color_fix,
-        vae_sample=args.vae_sample,
-        seed=args.seed,
-        vae_tile_store=args.vae_tile_store,
-    )
+    options = _options_from_args(args, loaded.defaults, loaded.generator.vae_scale_factor)
     upscaler = Upscaler(loaded.generator, device=device, dtype=args.dtype, winograd=args.winograd)
     failures = 0
     for path in files:
@@ -304,13 +352,27 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; errors end in one line on stderr (exit 2), Ctrl-C and SIGTERM in one line (130, 143)
+    after every temporary file and folder of the run was removed."""
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        _quiet_libraries()
         return args.run(args)
-    except (CommandError, ModelFileError, ImageFileError, ValueError, OSError) as err:
-        print(f"d3sr: error: {err}", file=sys.stderr)
+    except (CommandError, ModelFileError, ImageFileError, ValueError, OSError, FolderLockedError) as err:
+        print(f"d3sr: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        print(f"d3sr: {'terminated (SIGTERM)' if terminated else 'interrupted'}; nothing half-written was left.", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":

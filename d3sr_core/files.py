@@ -200,25 +200,28 @@ def temporary_folder(prefix: str, dir: str | os.PathLike | None = None) -> Itera
             os.close(fd)
 
 
-def sweep_stale_temporaries(prefix: str, dir: str | os.PathLike | None = None) -> list[Path]:
-    """Remove the ``<dir>/<prefix>*`` folders of :func:`temporary_folder` and the ``<dir>/<prefix>*.tmp`` files of
-    :func:`atomic_output` whose owner is gone (no lock held, older than :data:`STALE_AFTER_S`); returns what was
-    removed. Folders without a lock file (written before locks existed) count as stale after an hour."""
+def sweep_stale_temporaries(
+    prefix: str, dir: str | os.PathLike | None = None, *, file_suffix: str | None = None
+) -> list[Path]:
+    """Remove the ``<dir>/<prefix>*`` folders of :func:`temporary_folder` (``file_suffix=None``), or the
+    ``<dir>/<prefix>*<file_suffix>`` files of :func:`atomic_output` (``.<stem>.*.png.tmp``), whose owner is gone
+    (no lock held, older than :data:`STALE_AFTER_S`); returns what was removed. Folders without a lock file
+    (written before locks existed) count as stale after an hour."""
     root = Path(dir) if dir is not None else Path(tempfile.gettempdir())
     removed, now = [], time.time()
     try:
-        candidates = list(root.glob(f"{prefix}*"))
+        candidates = list(root.glob(f"{prefix}*{file_suffix or ''}"))
     except OSError:
         return removed
     for item in candidates:
         try:
-            if item.is_dir() and not item.is_symlink():
+            if file_suffix is None and item.is_dir() and not item.is_symlink():
                 lock = item / LOCK_NAME
                 stale = _unlocked_and_old(lock, now) if lock.exists() else now - item.stat().st_mtime > 3600
                 if stale:
                     shutil.rmtree(item, ignore_errors=True)
                     removed.append(item)
-            elif item.is_file() and item.name.endswith(".tmp") and _unlocked_and_old(item, now):
+            elif file_suffix is not None and item.is_file() and _unlocked_and_old(item, now):
                 item.unlink()
                 removed.append(item)
         except OSError:

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .files import temporary_folder
+from .files import sweep_stale_temporaries, temporary_folder
 
 TILE_FOLDER_PREFIX = "d3sr-vae-tiles-"
+_swept = False
 
 Step = tuple[str, object]
 """``("call", fn)``: x = fn(x); ``("save", None)``: keep x as the residual; ``("add", (shortcut, scale))``:
@@ -216,7 +217,11 @@ def _store(kind: str) -> Iterator[_Store]:
     if kind == "ram":
         yield _Store(None)
         return
-    with temporary_folder(TILE_FOLDER_PREFIX) as folder:  # locked while it lives, swept after a SIGKILL
+    global _swept
+    if not _swept:  # the first disk store of a process removes those a killed process left behind
+        sweep_stale_temporaries(TILE_FOLDER_PREFIX)
+        _swept = True
+    with temporary_folder(TILE_FOLDER_PREFIX) as folder:  # locked while it lives, removed on any exception
         yield _Store(folder)
 
 
