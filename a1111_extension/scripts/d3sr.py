@@ -8,11 +8,12 @@ touched, so any checkpoint may be loaded there. The model math is d3sr_core's.
 import base64
 import binascii
 import io
+import logging
 import os
 
 import gradio as gr
 from fastapi import HTTPException
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel
 
 from modules import devices, script_callbacks, scripts_postprocessing, shared
@@ -20,12 +21,12 @@ from modules.call_queue import queue_lock
 from modules.ui_components import InputAccordion
 from modules.upscaler import Upscaler, UpscalerData
 
-from d3sr_core.checkpoints import embeds_base, peek
+from d3sr_core.checkpoints import embeds_base, listable_models, peek
 from d3sr_core.color import COLOR_FIXES
 from d3sr_core.image_io import from_pil, to_pil
 from d3sr_core.loading import ModelCache, bundled_models
-from d3sr_core.options import vae_tile_sizes
-from d3sr_core.pipeline import Upscaler as OneStepUpscaler
+from d3sr_core.options import DEFAULT_MAX_OUTPUT_PIXELS, DEFAULT_MAX_SCALE, UpscaleOptions, vae_tile_sizes
+from d3sr_core.pipeline import Upscaler as OneStepUpscaler, processing_size
 
 MODEL_SUFFIXES = (".safetensors", ".pkl", ".pt", ".pth")
 METHOD_DEFAULT = "method default"
@@ -42,16 +43,24 @@ def model_dir() -> str:
 
 
 def list_models() -> dict[str, str]:
-    """Display name -> path: the bundled models first, then the model files (and TSD-SR folders) in the models folder."""
+    """Display name -> path: the bundled models first, then the model files (and TSD-SR folders) in the models folder
+    whose header reads (a file that does not is left out with one log line; this never raises)."""
+    return {name: path for name, (path, _) in _listed().items()}
+
+
+def _listed() -> dict:
     found = {name: str(path) for name, path in bundled_models().items()}
     root = model_dir()
-    if not os.path.isdir(root):
-        return found
-    for name in sorted(os.listdir(root)):
+    try:
+        names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    except OSError as err:
+        logging.getLogger("d3sr").warning("d3sr: %s cannot be listed (%s).", root, err.strerror)
+        names = []
+    for name in names:
         path = os.path.join(root, name)
         if name.endswith(MODEL_SUFFIXES) or os.path.isfile(os.path.join(path, "transformer.safetensors")):
             found[os.path.splitext(name)[0] if os.path.isfile(path) else name] = path
-    return found
+    return listable_models(found)
 
 
 def list_bases() -> dict[str, str]:
@@ -90,18 +99,32 @@ def dtype_name(device) -> str:
     return {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(devices.dtype), "fp32")
 
 
+def limits() -> dict[str, int]:
+    """The size limits from Settings > D3SR (the largest scale; the most output megapixels)."""
+    megapixels = shared.opts.data.get("d3sr_max_output_megapixels") or DEFAULT_MAX_OUTPUT_PIXELS / 2**20
+    return {"max_scale": int(shared.opts.data.get("d3sr_max_scale") or DEFAULT_MAX_SCALE),
+            "max_output_pixels": int(float(megapixels) * 2**20)}
+
+
 def upscale_image(image: Image.Image, model_path: str, base: str = FROM_SETTINGS, *, scale=None, tile_size=0,
                   tile_overlap=-1, color_fix=METHOD_DEFAULT, seed=0) -> Image.Image:
-    """``image`` upscaled by the one-step model at ``model_path``; the input itself if the user interrupts."""
-    loaded = CACHE.get(model_path, base_for(model_path, base))
-    options = loaded.defaults.updated(
+    """``image`` upscaled by the one-step model at ``model_path``; the input itself if the user interrupts.
+    Options and the size limits are checked before the model loads and before anything is allocated."""
+    request = dict(
         scale=scale,
         tile_size=tile_size or shared.opts.data.get("d3sr_tile_size") or None,
         tile_overlap=None if tile_overlap < 0 else tile_overlap,
-        **vae_tile_sizes(shared.opts.data.get("d3sr_vae_tile_size") or None, loaded.generator.vae_scale_factor),
         color_fix=None if color_fix == METHOD_DEFAULT else color_fix,
         seed=int(seed),
+        **limits(),
     )
+    header_scale = peek(model_path)[1]
+    processing_size(image.height, image.width, UpscaleOptions(scale=header_scale).updated(**request))
+    loaded = CACHE.get(model_path, base_for(model_path, base))
+    options = loaded.defaults.updated(
+        **request, **vae_tile_sizes(shared.opts.data.get("d3sr_vae_tile_size") or None, loaded.generator.vae_scale_factor)
+    )
+    processing_size(image.height, image.width, options)  # the model's own defaults (min_process_side) too
     device = devices.get_device_for("d3sr")
     pixels = from_pil(image).pixels[None]
 
@@ -130,7 +153,13 @@ class UpscalerD3SR(Upscaler):
         self.user_path = dirname
         self.model_path = dirname or model_dir()
         super().__init__()
-        self.scalers = [UpscalerData(f"D3SR {name}", path, self, peek(path)[1]) for name, path in list_models().items()]
+        # Built inside the webui's load_upscalers, which has no try/except: a bad file must not take the others down.
+        try:
+            listed = _listed()
+        except Exception as err:  # noqa: BLE001 - the host's list must survive anything
+            logging.getLogger("d3sr").warning("d3sr: the D3SR models could not be listed (%s).", err)
+            listed = {}
+        self.scalers = [UpscalerData(f"D3SR {name}", path, self, header.scale) for name, (path, header) in listed.items()]
 
     def do_upscale(self, img, selected_model):
         return upscale_image(img, selected_model)
@@ -176,6 +205,8 @@ def on_ui_settings():
         "d3sr_tile_size": shared.OptionInfo(0, "Latent tile size (0: the method's default)", gr.Slider, {"minimum": 0, "maximum": 512, "step": 8}, section=section),
         "d3sr_vae_tile_size": shared.OptionInfo(0, "VAE tile size in pixels (0: the method's default)", gr.Slider, {"minimum": 0, "maximum": 4096, "step": 64}, section=section),
         "d3sr_keep_loaded": shared.OptionInfo(True, "Keep the last model in memory between images", section=section),
+        "d3sr_max_scale": shared.OptionInfo(DEFAULT_MAX_SCALE, "Largest scale accepted (requests above it are refused)", gr.Number, {"precision": 0}, section=section),
+        "d3sr_max_output_megapixels": shared.OptionInfo(DEFAULT_MAX_OUTPUT_PIXELS / 2**20, "Most output megapixels accepted (larger requests are refused before anything is allocated)", gr.Number, section=section),
     }
     for key, info in options.items():
         shared.opts.add_option(key, info)
@@ -208,8 +239,13 @@ def api_upscale(request: UpscaleRequest) -> UpscaleResponse:
         data = base64.b64decode(request.image.split(",", 1)[-1], validate=True)
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as err:
+        image = ImageOps.exif_transpose(image)  # as the command line reads files
+    except Image.DecompressionBombError as err:
+        raise HTTPException(status_code=422, detail=f"image has too many pixels to decode safely ({err}).") from None
+    except (binascii.Error, UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise HTTPException(status_code=422, detail=f"image is not a base64-encoded image file ({err}).") from None
+    if image.width == 0 or image.height == 0:
+        raise HTTPException(status_code=422, detail=f"image has no pixels ({image.width}x{image.height}).")
     # Like the webui's own routes: one job at a time, and a fresh job state (begin() clears an old interrupt).
     with queue_lock:
         shared.state.begin(job="d3sr")
