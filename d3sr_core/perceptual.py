@@ -1,14 +1,15 @@
-"""Perceptual distances used as training losses, DISTS and LPIPS-VGG, built without torchvision.
+"""Perceptual distances used as training losses, DISTS, LPIPS-VGG and LPIPS-Alex, built without torchvision.
 
 * DISTS: Ding, Ma, Wang & Simoncelli, "Image Quality Assessment: Unifying Structure and Texture Similarity"
   (TPAMI 2020), Sec. 3: L2-pooled VGG16 features, a texture term on global means and a structure term on
   global (co)variances, weighted by the learned ``alpha``, ``beta``.
-* LPIPS v0.1 on VGG16: Zhang et al., "The Unreasonable Effectiveness of Deep Features as a Perceptual Metric"
-  (CVPR 2018), eq. 1.
+* LPIPS v0.1 on VGG16 (OSEDiff's loss, ``lpips.LPIPS(net='vgg')``) and on AlexNet (TSD-SR's loss, pyiqa's
+  ``lpips``, whose default trunk is AlexNet): Zhang et al., "The Unreasonable Effectiveness of Deep Features as a
+  Perceptual Metric" (CVPR 2018), eq. 1.
 
 Both modules are frozen (no parameter wants a gradient) but differentiable with respect to their inputs, so they
-serve as losses on a generator's output. The VGG16 stack keeps the indices of torchvision's ``vgg16().features``,
-so torchvision's file loads into it; the learned heads load from pyiqa's cache or from the files shipped in the
+serve as losses on a generator's output. The VGG16 and AlexNet stacks keep the indices of torchvision's
+``vgg16().features`` and ``alexnet().features``, so torchvision's files load into them; the learned heads load from pyiqa's cache or from the files shipped in the
 ``dists-pytorch`` and ``lpips`` wheels. Nothing is downloaded.
 """
 
@@ -31,12 +32,21 @@ DISTS_FILES = ("DISTS_weights-f5e65c96.pth", "weights.pt")
 """pyiqa's cache name, then the ``dists-pytorch`` wheel's: ``{'alpha', 'beta'}``, each (1, 1475, 1, 1)."""
 LPIPS_VGG_FILES = ("LPIPS_v0.1_vgg-a78928a0.pth", "vgg.pth")
 """pyiqa's cache name, then the ``lpips`` wheel's ``weights/v0.1/vgg.pth``: ``lin{k}.model.1.weight`` (1, C_k, 1, 1)."""
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+"""torchvision's ImageNet AlexNet: keys ``features.N.weight/bias`` (used) and ``classifier.*`` (ignored)."""
+LPIPS_ALEX_FILES = ("LPIPS_v0.1_alex-df73285e.pth", "alex.pth")
+"""pyiqa's cache name, then the ``lpips`` wheel's ``weights/v0.1/alex.pth``: ``lin{k}.model.1.weight``."""
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 """torchvision's VGG16 ("D") up to relu5_3, index 29; the last max-pool (index 30) is used by neither metric."""
 VGG16_TAPS = (3, 8, 15, 22, 29)
 """Indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3."""
 VGG16_STAGE_CHANNELS = (64, 128, 256, 512, 512)
+ALEXNET_TAPS = (1, 4, 7, 9, 11)
+"""Indices of AlexNet's relu1 ... relu5 in torchvision's ``alexnet().features``."""
+ALEXNET_STAGE_CHANNELS = (64, 192, 384, 256, 256)
+ALEXNET_MIN_SIDE = 31
+"""The smallest input side AlexNet's stride-4 stem and two 3x3 stride-2 pools leave a map for at relu3."""
 DISTS_CHANNELS = (3, *VGG16_STAGE_CHANNELS)
 """DISTS's six representations: the image itself, then the five VGG stages (1475 channels in all)."""
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -87,14 +97,32 @@ def _vgg16_features(pool: Callable[[int], nn.Module]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _vgg16_taps(vgg: nn.Sequential, h: torch.Tensor) -> list[torch.Tensor]:
-    """relu1_2 ... relu5_3 of ``h`` (already normalised for the VGG)."""
-    taps = []
-    for index, layer in enumerate(vgg):
+def _alexnet_features() -> nn.Sequential:
+    """AlexNet ``features[0:12]`` with torchvision's indices (Krizhevsky's one-GPU variant, as torchvision's); the
+    last max-pool (index 12) is not used by LPIPS."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2), nn.ReLU(inplace=False),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Conv2d(64, 192, kernel_size=5, padding=2), nn.ReLU(inplace=False),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Conv2d(192, 384, kernel_size=3, padding=1), nn.ReLU(inplace=False),
+        nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(inplace=False),
+        nn.Conv2d(256, 256, kernel_size=3, padding=1), nn.ReLU(inplace=False),
+    )
+
+
+def _taps(trunk: nn.Sequential, h: torch.Tensor, taps: tuple[int, ...] = VGG16_TAPS) -> list[torch.Tensor]:
+    """The outputs of ``trunk``'s layers at the indices ``taps`` for ``h`` (already normalised for the trunk)."""
+    outputs = []
+    for index, layer in enumerate(trunk):
         h = layer(h)
-        if index in VGG16_TAPS:
-            taps.append(h)
-    return taps
+        if index in taps:
+            outputs.append(h)
+        if index >= taps[-1]:
+            break
+    return outputs
+
+
 
 
 def _copy_tensors(path: Path, what: str, targets: dict[str, torch.Tensor]) -> None:
@@ -126,6 +154,11 @@ class _FrozenVGGDistance(nn.Module):
 
     head_files: tuple[str, ...] = ()  # subclasses also define _head_tensors(): {key in the head file: parameter}
     head_what = ""
+    trunk_file = VGG16_FILE
+    trunk_name = "VGG16"
+
+    def _trunk(self) -> nn.Sequential:
+        return self.vgg
 
     def _freeze(self) -> None:
         # Losses: gradients reach the input only. No dropout or batch norm is used, so eval() changes no number.
@@ -134,15 +167,15 @@ class _FrozenVGGDistance(nn.Module):
 
     @classmethod
     def from_files(cls: type[_Model], search_dirs: list[Path] | None = None) -> _Model:
-        """The trained model: VGG16 from :data:`VGG16_FILE` and the heads from ``head_files``, both found by
-        :func:`find_weight_file` in ``search_dirs`` and the torch hub caches. Raises :class:`PerceptualWeightsMissing`
-        when a file is missing and ``ModelFileError`` when one does not fit."""
-        vgg_what = f"torchvision's ImageNet VGG16 weights for {cls.__name__}, keys features.N.weight/bias"
-        vgg_path = find_weight_file(VGG16_FILE, search_dirs, what=vgg_what)
+        """The trained model: the trunk (VGG16 from :data:`VGG16_FILE`, AlexNet from :data:`ALEXNET_FILE`) and the
+        heads from ``head_files``, both found by :func:`find_weight_file` in ``search_dirs`` and the torch hub caches.
+        Raises :class:`PerceptualWeightsMissing` when a file is missing and ``ModelFileError`` when one does not fit."""
+        trunk_what = f"torchvision's ImageNet {cls.trunk_name} weights for {cls.__name__}, keys features.N.weight/bias"
+        trunk_path = find_weight_file(cls.trunk_file, search_dirs, what=trunk_what)
         head_path = find_weight_file(cls.head_files, search_dirs, what=cls.head_what)
         model = cls()
-        vgg_tensors = {f"features.{k}": v for k, v in model.vgg.state_dict(keep_vars=True).items()}
-        _copy_tensors(vgg_path, vgg_what, vgg_tensors)
+        trunk_tensors = {f"features.{k}": v for k, v in model._trunk().state_dict(keep_vars=True).items()}
+        _copy_tensors(trunk_path, trunk_what, trunk_tensors)
         _copy_tensors(head_path, cls.head_what, model._head_tensors())
         return model
 
@@ -244,7 +277,7 @@ class DISTS(_FrozenVGGDistance):
         """``[x, relu1_2, relu2_2, relu3_3, relu4_3, relu5_3]`` for ``x`` ``(B, 3, H, W)`` in [0, 1]: the raw image
         first (as in DISTS), then the VGG stages of the ImageNet-normalised image, L2-pooled between stages."""
         h = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        return [x, *_vgg16_taps(self.vgg, h)]
+        return [x, *_taps(self.vgg, h)]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         _check_pair(x, y)
@@ -281,10 +314,12 @@ class LPIPS(_FrozenVGGDistance):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """relu1_2 ... relu5_3 of ``x`` ``(B, 3, H, W)`` in [-1, 1] after LPIPS's scaling layer."""
-        return _vgg16_taps(self.vgg, (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype))
+        return _taps(self.vgg, (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype))
+
+    min_side = 16
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _check_pair(x, y, min_size=16)
+        _check_pair(x, y, min_size=self.min_side)
         total = 0
         for fx, fy, lin in zip(self.features(x), self.features(y), self.lins):
             dtype = _stats_dtype(fx)
@@ -294,3 +329,36 @@ class LPIPS(_FrozenVGGDistance):
             ny = fy / (torch.linalg.vector_norm(fy, dim=1, keepdim=True) + LPIPS_EPS)
             total = total + F.conv2d((nx - ny) ** 2, lin.weight.to(dtype)).mean(dim=(1, 2, 3))
         return total
+
+
+class LPIPSAlex(LPIPS):
+    """LPIPS v0.1 with the AlexNet trunk, TSD-SR's perceptual loss (pyiqa's ``lpips``, whose ``as_loss`` on [0, 1]
+    images equals this on the same images in [-1, 1]): ``forward(x, y)`` with ``x``, ``y`` ``(B, 3, H, W)`` float in
+    [-1, 1], ``H, W >= 31``, returns ``(B,)`` distances (Zhang et al. 2018, eq. 1) over relu1 ... relu5.
+
+    ``LPIPSAlex()`` has a random trunk and random non-negative heads; :meth:`from_files` loads the trained metric
+    (:data:`ALEXNET_FILE` + :data:`LPIPS_ALEX_FILES`)."""
+
+    head_files = LPIPS_ALEX_FILES
+    head_what = "the LPIPS v0.1 AlexNet lin layers (lin0.model.1.weight ... lin4.model.1.weight) from pyiqa or lpips"
+    trunk_file = ALEXNET_FILE
+    trunk_name = "AlexNet"
+    min_side = ALEXNET_MIN_SIDE
+
+    def __init__(self, seed: int | None = None):
+        nn.Module.__init__(self)
+        with _seeded(seed):
+            self.alexnet = _alexnet_features()
+            self.lins = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1, bias=False) for c in ALEXNET_STAGE_CHANNELS)
+        for lin in self.lins:
+            lin.weight.data.abs_()  # the trained heads are clamped non-negative, so a distance is never negative
+        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
+        self._freeze()
+
+    def _trunk(self) -> nn.Sequential:
+        return self.alexnet
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """relu1 ... relu5 of ``x`` ``(B, 3, H, W)`` in [-1, 1] after LPIPS's scaling layer."""
+        return _taps(self.alexnet, (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype), ALEXNET_TAPS)

@@ -173,8 +173,11 @@ def load_config(
     applies to ``model``.
     """
     config = merge(DEFAULTS, {})
-    for name, section in method_defaults.items():
-        config[name] = copy.deepcopy(section)
+    # A method's own ``model`` defaults (OSEDiff's negative prompt) apply to ``model``, under every layer below.
+    lifted = _lift_method_model(method_defaults, tuple(method_defaults))
+    config["model"] = merge(config["model"], lifted.pop("model", {}), "model.")
+    for name, section in lifted.items():
+        config[name] = section
     layers = []
     if preset is not None:
         layers.append(read_yaml(_preset_path(preset)))

@@ -5,9 +5,13 @@ trainables), one step at ``model.timestep`` (999 officially). Each step:
 
 1. generator: ``l2_weight * MSE(x_hat, x) + lpips_weight * LPIPS(x_hat, x) + vsd_weight * VSD(z_hat)`` where VSD
    noises ``z_hat`` at ``t ~ U[vsd_t_min, vsd_t_max]`` and compares the x0 of the fake-score UNet with the x0 of the
-   frozen teacher under classifier-free guidance (``model.negative_prompt`` is the unconditional side);
+   frozen teacher under classifier-free guidance (``model.negative_prompt`` is the unconditional side; its default
+   is the official run's negative prompt, and a guidance scale that would change nothing is refused);
 2. fake score (the base UNet with its own LoRA and optimizer): the standard epsilon loss on ``z_hat.detach()``
    noised at ``t ~ U[0, 999]``.
+
+The LR latent is drawn from the VAE posterior (``osediff.vae_sample: sample``), as ``OSEDiff_gen.forward`` does with
+``latent_dist.sample()``; ``mode`` takes its mean.
 """
 
 from __future__ import annotations
@@ -26,6 +30,37 @@ from ..generator import OSEDIFF_LORA_SUFFIXES, lora_targets
 from .base import OptimizerSpec
 from .one_step import GENERATOR_DEFAULTS, OneStepMethod
 
+OSEDIFF_NEGATIVE_PROMPT = (
+    "painting, oil painting, illustration, drawing, art, sketch, cartoon, CG Style, 3D render, unreal engine, "
+    "blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, jpeg artifacts, deformed, "
+    "lowres, over-smooth"
+)
+"""``--neg_prompt`` of the official OSEDiff training command (cswry/OSEDiff README, "Train for Real-ISR")."""
+VAE_SAMPLE_MODES = ("sample", "mode")
+
+
+def check_guidance(method: str, cfg_scale: float, conditioning: dict, null_conditioning: dict) -> None:
+    """Refuse classifier-free guidance that would do nothing: ``cfg_scale != 1`` while the prompt and the negative
+    prompt give the same embeddings (then ``uncond + s * (cond - uncond)`` is ``cond`` for every ``s``)."""
+    if float(cfg_scale) == 1.0:
+        return
+    same = conditioning.keys() == null_conditioning.keys() and all(
+        torch.equal(conditioning[k], null_conditioning[k]) for k in conditioning
+    )
+    if same:
+        raise ValueError(
+            f"{method}.cfg_scale is {cfg_scale} but the prompt and the negative prompt give identical embeddings, so "
+            f"guidance would change nothing; give model.negative_prompt (or model.prompt_embeddings) that differs "
+            f"from the prompt, or set {method}.cfg_scale: 1."
+        )
+
+
+def check_vae_sample(method: str, value: str) -> bool:
+    """Whether ``<method>.vae_sample`` asks to sample the LR posterior; refuses anything but sample or mode."""
+    if value not in VAE_SAMPLE_MODES:
+        raise ValueError(f"{method}.vae_sample {value!r} is not one of {VAE_SAMPLE_MODES}.")
+    return value == "sample"
+
 
 class OSEDiffMethod(OneStepMethod):
     name = "osediff"
@@ -37,6 +72,9 @@ class OSEDiffMethod(OneStepMethod):
             "fake_score": {"lora_rank": 4, "lora_alpha": PEFT_DEFAULT_LORA_ALPHA, "lr": 5e-5, "weight_decay": 1e-2},
             "loss": {"l2_weight": 1.0, "lpips_weight": 2.0, "vsd_weight": 1.0},
             "cfg_scale": 7.5,
+            # The official run's negative prompt: with the empty default it would equal the prompt and CFG do nothing.
+            "model": {"negative_prompt": OSEDIFF_NEGATIVE_PROMPT},
+            "vae_sample": "sample",  # sample | mode: the LR latent from the VAE posterior, as the official training
             "vsd_t_min": 20,
             "vsd_t_max": 979,
             # LPIPS-VGG weights: "files" reads vgg16-397923af.pth and LPIPS_v0.1_vgg-a78928a0.pth (or the lpips
@@ -54,6 +92,8 @@ class OSEDiffMethod(OneStepMethod):
                            lora_targets(self.fake_score, OSEDIFF_LORA_SUFFIXES))
         add_adapters(self.fake_score, [spec])
         self.lpips = self.perceptual(LPIPS)
+        check_guidance(self.name, self.options["cfg_scale"], self.conditioning, self.null_conditioning)
+        self.vae_sample = check_vae_sample(self.name, self.options["vae_sample"])
 
     def models(self):
         return {"generator": self.generator, "fake_score": self.fake_score}
@@ -71,6 +111,8 @@ class OSEDiffMethod(OneStepMethod):
         self.lpips.to(accelerator.device)
 
     def guided_teacher_epsilon(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The frozen base UNet's epsilon at ``z_t`` ``(B, 4, h, w)`` and ``t`` ``(B,)`` under classifier-free
+        guidance: ``eps(null) + cfg_scale * (eps(prompt) - eps(null))``, both halves in one batch; float32."""
         batch = z_t.shape[0]
         dtype = self.frozen_denoiser.dtype
         both = self.frozen_denoiser(
@@ -87,7 +129,7 @@ class OSEDiffMethod(OneStepMethod):
         weights = self.options["loss"]
         gt = batch["gt"]
         with accelerator.accumulate(g_model, f_model):
-            z_hat, x_hat = g_model(self.upsampled(batch))
+            z_hat, x_hat = g_model(self.upsampled(batch), sample=self.vae_sample, generator=generator)
             l2 = F.mse_loss(x_hat, gt)
             lpips = self.lpips(x_hat, gt).mean()
             t = sample_timesteps(gt.shape[0], t_min=int(self.options["vsd_t_min"]), t_max=int(self.options["vsd_t_max"]),

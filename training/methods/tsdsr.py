@@ -14,6 +14,10 @@ own attention-only LoRA "reg", trained by its own optimizer at its own learning 
    ``x0_pred = z_t - sigma * v_reg`` and ``w = sigmoid(n)``, ``n ~ N(0, 1)`` (the official "logit_normal" weight),
    drawn per sample.
 
+As in the official ``train.py``: the LR latent is drawn from the VAE posterior (``tsdsr.vae_sample: sample``), the
+perceptual loss is LPIPS on AlexNet (pyiqa's ``lpips``), and a guidance scale that would change nothing (the prompt's
+and the negative prompt's embeddings equal) is refused.
+
 Where this differs from the official run: teacher and fake score see the run's one prompt embedding
 (``model.prompt_embeddings``), not per-image captions (DAPE tags or LLaVA captions), and the fake score's noise
 level and weight are drawn per sample rather than once per batch.
@@ -39,11 +43,12 @@ from d3sr_core.losses import (
     target_score_distillation,
 )
 from d3sr_core.lora import AdapterSpec, adapter_selected, adapters_disabled, add_adapters
-from d3sr_core.perceptual import LPIPS
+from d3sr_core.perceptual import LPIPSAlex
 
 from ..generator import lora_targets
 from .base import OptimizerSpec
 from .one_step import GENERATOR_DEFAULTS, OneStepMethod
+from .osediff import check_guidance, check_vae_sample
 
 FAKE_SCORE_LORA_SUFFIXES = ("to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")
 """The fake score's ("reg") targets in TSD-SR's ``train.py``: the joint-attention projections only."""
@@ -73,8 +78,9 @@ class TSDSRMethod(OneStepMethod):
             # `stride` indices apart, the end moved by an integer drawn from [-random_bias, random_bias); the
             # released train.sh leaves it off.
             "dasm": {"enabled": False, "steps": 4, "stride": 50, "random_bias": 25, "weights": [1.0, 0.3, 0.3, 0.3]},
-            # LPIPS-VGG weights: "files" reads vgg16-397923af.pth and LPIPS_v0.1_vgg-a78928a0.pth (or the lpips
-            # wheel's vgg.pth); "random" uses a random VGG (smoke tests only).
+            "vae_sample": "sample",  # sample | mode: the LR latent from the VAE posterior, as the official training
+            # LPIPS-Alex weights (pyiqa's lpips, TSD-SR's loss): "files" reads alexnet-owt-7be5be79.pth and
+            # LPIPS_v0.1_alex-df73285e.pth (or the lpips wheel's alex.pth); "random": a random AlexNet (smoke tests).
             "perceptual": "files",
             "perceptual_weights_dir": None,
         }
@@ -100,7 +106,9 @@ class TSDSRMethod(OneStepMethod):
         spec = AdapterSpec(FAKE_SCORE, "transformer", int(fake["lora_rank"]), float(fake["lora_alpha"] or fake["lora_rank"]),
                            lora_targets(self.score_model, FAKE_SCORE_LORA_SUFFIXES))
         add_adapters(self.score_model, [spec])
-        self.lpips = self.perceptual(LPIPS)
+        self.lpips = self.perceptual(LPIPSAlex)
+        check_guidance(self.name, opts["cfg_scale"], self.conditioning, self.null_conditioning)
+        self.vae_sample = check_vae_sample(self.name, opts["vae_sample"])
 
     def _add_teacher(self, path: Path) -> None:
         """Add TSD-SR's teacher LoRA to the shared copy, frozen."""
@@ -175,7 +183,7 @@ class TSDSRMethod(OneStepMethod):
                 generator_module = accelerator.unwrap_model(g_model)
                 with torch.no_grad(), adapters_disabled(generator_module.generator.vae):
                     z_real = generator_module.generator.encode(gt)
-            z_hat, x_hat = g_model(self.upsampled(batch))
+            z_hat, x_hat = g_model(self.upsampled(batch), sample=self.vae_sample, generator=generator)
             lpips = self.lpips(x_hat, gt).mean()
             latent_mse = F.mse_loss(z_hat, z_real)
             levels, level_weights = self._tsd_levels(generator)
