@@ -1,9 +1,11 @@
 """The ``models/d3sr`` folder, registered with ComfyUI's ``folder_paths`` (``extra_model_paths.yaml`` can add more)."""
 
+import logging
 import os
 
 import folder_paths
 
+from d3sr_core.checkpoints import listable_models
 from d3sr_core.loading import bundled_models
 
 FOLDER = "d3sr"
@@ -11,6 +13,7 @@ MODEL_SUFFIXES = {".safetensors", ".pkl", ".pt", ".pth"}
 TSDSR_FILES = ("transformer.safetensors", "vae.safetensors")
 BUNDLED = "bundled/"
 """Prefix of the models shipped inside the package, listed first (the first is the loader's default)."""
+log = logging.getLogger("d3sr")
 
 
 def register_model_folder() -> None:
@@ -26,7 +29,23 @@ def list_models() -> list[str]:
     folders = {n.rsplit("/", 1)[0] for n in names if "/" in n and n.rsplit("/", 1)[1] == TSDSR_FILES[0]}
     singles = [n for n in names if not (n.rsplit("/", 1)[0] in folders and "/" in n)]
     bundled = [BUNDLED + path.name for path in bundled_models().values()]
-    return bundled + sorted(singles + [f + "/" for f in folders])
+    return bundled + readable(sorted(singles + [f + "/" for f in folders]))
+
+
+def readable(names: list[str]) -> list[str]:
+    """The names whose file header reads (``d3sr_core.checkpoints.listable_models``); each other one is left out
+    with one log line. Never raises: a bad file must not break the loader node's list."""
+    candidates = {}
+    for name in names:
+        try:
+            candidates[name] = model_path(name)
+        except (OSError, ValueError) as err:
+            log.warning("D3SR: left out of the model list: %s (%s).", name, err)
+    try:
+        return list(listable_models(candidates))
+    except Exception as err:  # noqa: BLE001 - the host's list must survive anything
+        log.warning("D3SR: the models in models/%s could not be listed (%s).", FOLDER, err)
+        return []
 
 
 def model_path(name: str) -> str:
@@ -53,8 +72,11 @@ def list_bases() -> list[str]:
 def base_path(name: str) -> str:
     if name.startswith("diffusers/"):
         folder = name[len("diffusers/"):]
+        if not folder or folder in (".", "..") or "/" in folder or "\\" in folder or os.path.isabs(folder):
+            raise FileNotFoundError(f"the diffusers folder {folder!r} is not a folder name inside models/diffusers.")
         for root in folder_paths.get_folder_paths("diffusers"):
-            if os.path.isdir(os.path.join(root, folder)):
-                return os.path.join(root, folder)
+            path = os.path.join(root, folder)
+            if os.path.isdir(path) and os.path.dirname(os.path.abspath(path)) == os.path.abspath(root):
+                return path
         raise FileNotFoundError(f"the diffusers folder {folder!r} is not in any models/diffusers path.")
     return folder_paths.get_full_path_or_raise("checkpoints", name)
