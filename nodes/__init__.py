@@ -6,10 +6,11 @@ loaded through them, and V3 classes work there on every ComfyUI that has ``comfy
 
 from .color_fix import ColorFix
 from .loader import ModelLoader
-from .model_folder import register_model_folder
+from .model_folder import place_sample, register_model_folder
 from .upscale import Upscale
 
 register_model_folder()
+place_sample()
 
 NODES = (ModelLoader, Upscale, ColorFix)
 NODE_CLASS_MAPPINGS = {node.define_schema().node_id: node for node in NODES}

@@ -6,14 +6,18 @@ from comfy_api.latest import io
 
 from d3sr_core.backbones import load_base
 from d3sr_core.backbones.sd2 import sd2_base_from_ldm_state_dict
-from d3sr_core.checkpoints import build_generator, embedded_base, load_checkpoint
+from d3sr_core.checkpoints import build_generator, embedded_base, embeds_base, load_checkpoint
+from d3sr_core.files import ModelFileError
 from d3sr_core.generator import OneStepGenerator
 from d3sr_core.options import DTYPES, UpscaleOptions
 
-from .model_folder import base_path, list_bases, list_models, model_path
+from .schema import SEARCH_ALIASES, schema
+from .model_folder import TSDSR_FILES, base_path, list_bases, list_models, model_path, tsdsr_folder_name
 
 D3SR_MODEL = io.Custom("D3SR_MODEL")
-FROM_GRAPH = "(from the model and vae inputs)"
+NO_BASE = "(none: the model is self-contained, or use the model and vae inputs)"
+"""The base list's first entry and default: nothing to pick for a self-contained model such as the bundled one;
+for other SD 2.x models, the MODEL and VAE connected to the loader."""
 
 
 @dataclass
@@ -38,11 +42,13 @@ def graph_state_dict(model, vae) -> dict:
 class ModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="D3SRModelLoader",
             display_name="Load One-Step SR Model (D3SR)",
             category="loaders",
-            description="Loads a one-step diffusion SR model (OSEDiff, TSD-SR, D3SR, TAD-SR) onto its base model.",
+            description="Loads a one-step diffusion SR model (OSEDiff, TSD-SR, D3SR, TAD-SR) onto its base model. The "
+            "bundled d3sr-small-x4 is self-contained: it runs as it is, with no base.",
+            search_aliases=[*SEARCH_ALIASES, "upscale model", "load sr model"],
             inputs=[
                 io.Combo.Input(
                     "model_name",
@@ -52,10 +58,11 @@ class ModelLoader(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "base_name",
-                    options=[FROM_GRAPH, *list_bases()],
+                    options=[NO_BASE, *list_bases()],
+                    default=NO_BASE,
                     tooltip="The base the weights were trained on: SD 2.1-base for OSEDiff, SD3-medium (diffusers folder) "
-                    "for TSD-SR. Pick the first entry to reuse the MODEL and VAE of a checkpoint loader (SD 2.x only). "
-                    "Not used by self-contained models such as the bundled one.",
+                    "for TSD-SR. Self-contained models (the bundled one, and what d3sr train writes) need none and ignore "
+                    "this. The first entry also means: use the MODEL and VAE of a checkpoint loader (SD 2.x only).",
                 ),
                 io.Combo.Input(
                     "precision",
@@ -63,20 +70,39 @@ class ModelLoader(io.ComfyNode):
                     default="auto",
                     tooltip="auto: fp32 on CPU, bf16 or fp16 on GPU as ComfyUI prefers. fp16 keeps the VAE in fp32.",
                 ),
-                io.Model.Input("model", optional=True, tooltip="SD 2.x MODEL to use as the base (with base_name set to the first entry)."),
+                io.Model.Input("model", optional=True, tooltip="SD 2.x MODEL to use as the base (with base_name at its first entry). Not needed for self-contained models."),
                 io.Vae.Input("vae", optional=True, tooltip="The VAE that goes with model."),
             ],
             outputs=[D3SR_MODEL.Output(display_name="d3sr_model")],
         )
 
     @classmethod
+    def validate_inputs(cls, model_name, base_name):
+        """ComfyUI checks these two combos here instead of against its lists: a self-contained model runs whatever
+        base_name a workflow still holds from another model (say a base that is not installed)."""
+        models = list_models()
+        folder = tsdsr_folder_name(model_name)
+        if model_name not in models and not (folder and f"{folder}/{TSDSR_FILES[0]}" in models):  # "name/": older workflows
+            return f"model_name {model_name!r} is not in models/d3sr; choose one of {models}."
+        if base_name == NO_BASE or base_name in list_bases():
+            return True
+        try:
+            if embeds_base(model_path(model_name)):
+                return True
+        except (ModelFileError, OSError):
+            return True  # the loader itself says what is wrong with the file
+        return f"base_name {base_name!r} is not in models/checkpoints or models/diffusers; {model_name} needs its base model."
+
+    @classmethod
     def execute(cls, model_name, base_name, precision, model=None, vae=None) -> io.NodeOutput:
         checkpoint = load_checkpoint(model_path(model_name))
         if checkpoint.base_configs is not None:  # self-contained: no other base fits it
             base = embedded_base(checkpoint)
-        elif base_name == FROM_GRAPH:
+        elif base_name == NO_BASE:
             if model is None or vae is None:
-                raise ValueError("base_name asks for the graph's MODEL and VAE, but they are not both connected.")
+                raise ValueError(
+                    f"{model_name} needs its base model: pick it in base_name, or connect the MODEL and VAE of a checkpoint loader."
+                )
             base = sd2_base_from_ldm_state_dict(graph_state_dict(model, vae), "the connected MODEL and VAE")
         else:
             base = load_base(base_path(base_name), load_text_encoder=not checkpoint.conditioning)

@@ -1,17 +1,25 @@
-"""Upscale an IMAGE batch with a loaded one-step SR model: tiles, progress, interrupt, out-of-memory back-off."""
+"""Upscale an IMAGE batch with a loaded one-step SR model: tiles, progress with an ETA, interrupt, memory kept
+within what is free (VAE tiles parked on disk when RAM would not hold them), memory handed back after Cancel."""
+
+import logging
 
 import torch
 from comfy import model_management
 from comfy.utils import ProgressBar
 from comfy_api.latest import io
+from tqdm import tqdm
 
 from d3sr_core.color import COLOR_FIXES
-from d3sr_core.options import VAE_SAMPLE_MODES, vae_tile_sizes
+from d3sr_core.host_options import DEFAULT, describe_defaults, host_options, with_tile_store
+from d3sr_core.memory import released_after_run
+from d3sr_core.options import VAE_SAMPLE_MODES
 from d3sr_core.pipeline import Upscaler
 
 from .loader import D3SR_MODEL
+from .schema import SEARCH_ALIASES, schema
 
 METHOD_DEFAULT = "method default"
+log = logging.getLogger("d3sr")
 
 
 def dtype_name(precision: str, device: torch.device) -> str:
@@ -26,39 +34,45 @@ def dtype_name(precision: str, device: torch.device) -> str:
 class Upscale(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        tiles = "-1: the model's default ({}). 0: off (the whole image at once)."
+        return schema(
             node_id="D3SRUpscale",
             display_name="Upscale Image (One-Step Diffusion SR)",
             category="image/upscaling",
-            description="Super-resolves images in one diffusion step, tile by tile; any image size fits in memory.",
+            description="Super-resolves images in one diffusion step, tile by tile. Memory stays within what is free: "
+            "when the VAE's whole-image activations would take more than half the free memory, its tiles wait on disk "
+            "(same result, memory bounded by one tile); the input, output and latents still scale with the image.",
+            search_aliases=SEARCH_ALIASES,
             inputs=[
                 D3SR_MODEL.Input("d3sr_model", tooltip="From Load One-Step SR Model."),
                 io.Image.Input("image", tooltip="Images to upscale; alpha passes through, upscaled."),
                 io.Int.Input("scale", default=4, min=1, max=8, tooltip="Output size = scale x input size, exactly."),
                 io.Int.Input(
-                    "tile_size", default=0, min=0, max=1024, step=8,
-                    tooltip="Latent tile size (1 latent pixel = 8 image pixels). 0: the method's default (96 OSEDiff, 64 TSD-SR). "
-                    "Halved automatically when the GPU runs out of memory.",
+                    "tile_size", default=DEFAULT, min=-1, max=1024,
+                    tooltip="Latent tile size (1 latent pixel = 8 image pixels). " + tiles.format(describe_defaults("tile_size"))
+                    + " Halved automatically when the GPU runs out of memory.",
                 ),
                 io.Int.Input(
-                    "tile_overlap", default=-1, min=-1, max=512,
-                    tooltip="Overlap of latent tiles, blended with a Gaussian window. -1: the method's default (32 OSEDiff, 8 TSD-SR).",
+                    "tile_overlap", default=DEFAULT, min=-1, max=512,
+                    tooltip="Overlap of latent tiles, blended with a Gaussian window. -1: the model's default ("
+                    + describe_defaults("tile_overlap") + "), at most a third of a tile_size you set.",
                 ),
                 io.Int.Input(
-                    "vae_tile_size", default=0, min=0, max=8192, step=64,
-                    tooltip="VAE tile size in image pixels (GroupNorm statistics are shared, so no colour steps). 0: the method's default.",
+                    "vae_tile_size", default=DEFAULT, min=-1, max=8192,
+                    tooltip="VAE tile size in image pixels, a multiple of 8 of at least 64 (GroupNorm statistics are shared, "
+                    "so no colour steps). " + tiles.format(describe_defaults("vae_encoder_tile_size", " px")),
                 ),
                 io.Combo.Input(
                     "color_fix", options=[METHOD_DEFAULT, *COLOR_FIXES], default=METHOD_DEFAULT,
                     tooltip="Colour correction toward the input: wavelet (low frequencies of the input), adain (channel mean "
-                    "and spread), none. The method's default: adain for OSEDiff, wavelet for TSD-SR.",
+                    "and spread), none. The method's default: adain for OSEDiff, wavelet for TSD-SR and d3sr-small-x4.",
                 ),
                 io.Combo.Input(
                     "vae_sample", options=list(VAE_SAMPLE_MODES), default="mode",
                     tooltip="mode: deterministic. sample: draw the VAE posterior like the official scripts, seeded by seed.",
                 ),
                 io.Int.Input(
-                    "seed", default=0, min=0, max=2**63 - 1, control_after_generate=True,
+                    "seed", default=0, min=0, max=2**63 - 1, control_after_generate="fixed",
                     tooltip="Seed for vae_sample = sample (mode ignores it).",
                 ),
             ],
@@ -67,42 +81,45 @@ class Upscale(io.ComfyNode):
 
     @classmethod
     def execute(cls, d3sr_model, image, scale, tile_size, tile_overlap, vae_tile_size, color_fix, vae_sample, seed) -> io.NodeOutput:
-        options = d3sr_model.defaults.updated(
-            scale=scale,
-            tile_size=tile_size or None,
-            tile_overlap=None if tile_overlap < 0 else tile_overlap,
-            **vae_tile_sizes(vae_tile_size or None, d3sr_model.generator.vae_scale_factor),
-            color_fix=None if color_fix == METHOD_DEFAULT else color_fix,
-            vae_sample=vae_sample,
-            seed=seed,
+        generator = d3sr_model.generator
+        options = host_options(
+            d3sr_model.defaults, generator.vae, tile_size=tile_size, tile_overlap=tile_overlap, vae_tile_size=vae_tile_size,
+            scale=scale, color_fix=None if color_fix == METHOD_DEFAULT else color_fix, vae_sample=vae_sample, seed=seed,
         )
         device = model_management.get_torch_device()
-        generator = d3sr_model.generator
         if device.type != "cpu":  # make room: the graph's own SD model may still sit on the GPU
             needed = model_management.module_size(generator.denoiser) + model_management.module_size(generator.vae)
             model_management.free_memory(needed + model_management.minimum_inference_memory(), device)
         images = image.movedim(-1, 1)
         batch, channels, height, width = images.shape
+        options = with_tile_store(options, generator.vae, height, width, model_management.get_free_memory(device))
+        log.info("D3SR: latent tiles %s/%s, VAE tiles %s px, tile store %s", options.tile_size, options.tile_overlap,
+                 options.vae_encoder_tile_size, options.vae_tile_store)
         out = None
         try:
-            upscaler = Upscaler(generator, device=device, dtype=dtype_name(d3sr_model.precision, device))
-            pbar = ProgressBar(batch * upscaler.count_steps(height, width, options))
-            for index in range(batch):
-                result = cls._upscale_one(upscaler, images[index : index + 1], options, pbar)
-                if out is None:  # one output tensor, filled frame by frame: no second copy for long batches
-                    out = torch.empty(batch, *result.shape[2:], result.shape[1], device=model_management.intermediate_device())
-                out[index] = result[0].movedim(0, -1).clamp(0, 1).to(out)
+            with released_after_run():
+                upscaler = Upscaler(generator, device=device, dtype=dtype_name(d3sr_model.precision, device))
+                total = batch * upscaler.count_steps(height, width, options)
+                pbar = ProgressBar(total)
+                with tqdm(total=total, desc="D3SR", unit="tile") as eta:  # the console shows the ETA
+                    for index in range(batch):
+                        result = cls._upscale_one(upscaler, images[index : index + 1], options, pbar, eta)
+                        if out is None:  # one output tensor, filled frame by frame: no second copy for long batches
+                            out = torch.empty(batch, *result.shape[2:], result.shape[1], device=model_management.intermediate_device())
+                        out[index] = result[0].movedim(0, -1).clamp(0, 1).to(out)
+                        del result
         finally:
             generator.to(model_management.unet_offload_device())
             model_management.soft_empty_cache()
         return io.NodeOutput(out)
 
     @staticmethod
-    def _upscale_one(upscaler, image, options, pbar):
+    def _upscale_one(upscaler, image, options, pbar, eta):
         start = pbar.current
 
         def progress(done, total):
             model_management.throw_exception_if_processing_interrupted()
             pbar.update_absolute(start + done)
+            eta.update(start + done - eta.n)
 
         return upscaler.upscale_within_memory(image, options, progress, model_management.soft_empty_cache).cpu()

@@ -66,9 +66,10 @@ def test_mappings_and_tooltips(pack):
 
 def test_loader_lists_models_and_bases(pack):
     loader = pack.NODE_CLASS_MAPPINGS["D3SRModelLoader"]
-    assert inputs_of(loader)["model_name"].options == ["bundled/d3sr-small-x4.safetensors", "osediff.pkl", "tsdsr/"]
+    assert inputs_of(loader)["model_name"].options == ["bundled/d3sr-small-x4.safetensors", "osediff.pkl", "tsdsr/transformer.safetensors"]
     bases = inputs_of(loader)["base_name"].options
-    assert bases[0].startswith("(from") and "diffusers/tiny-sd2" in bases and "diffusers/tiny-sd3" in bases
+    assert bases[0] == inputs_of(loader)["base_name"].widget["default"] and "self-contained" in bases[0]
+    assert "diffusers/tiny-sd2" in bases and "diffusers/tiny-sd3" in bases
 
 
 def test_bundled_model_loads_without_a_base_and_upscales(pack):
@@ -81,18 +82,18 @@ def test_bundled_model_loads_without_a_base_and_upscales(pack):
 
 
 def upscale_inputs(**changes):
-    values = dict(scale=2, tile_size=0, tile_overlap=-1, vae_tile_size=0, color_fix="method default", vae_sample="mode", seed=0)
+    values = dict(scale=2, tile_size=-1, tile_overlap=-1, vae_tile_size=-1, color_fix="method default", vae_sample="mode", seed=0)
     return {**values, **changes}
 
 
-@pytest.mark.parametrize("model_name, base_name", [("osediff.pkl", "diffusers/tiny-sd2"), ("tsdsr/", "diffusers/tiny-sd3")])
+@pytest.mark.parametrize("model_name, base_name", [("osediff.pkl", "diffusers/tiny-sd2"), ("tsdsr/transformer.safetensors", "diffusers/tiny-sd3")])
 def test_upscale_node_equals_core(pack, models, model_name, base_name):
     nodes = pack.NODE_CLASS_MAPPINGS
     loaded = nodes["D3SRModelLoader"].execute(model_name, base_name, "auto").args[0]
     image = torch.cat([random_image(24, 32, seed=1), random_image(24, 32, seed=2)]).movedim(1, -1)  # [B, H, W, C]
     out = nodes["D3SRUpscale"].execute(loaded, image, **upscale_inputs()).args[0]
     assert out.shape == (2, 48, 64, 3)
-    checkpoint_path = models / "d3sr" / model_name
+    checkpoint_path = models / "d3sr" / model_name.replace("/transformer.safetensors", "")
     checkpoint = load_checkpoint(checkpoint_path)
     generator = build_generator(checkpoint, load_base(models / base_name))
     options = checkpoint.defaults.updated(scale=2, vae_sample="mode", seed=0)
@@ -166,7 +167,7 @@ def test_loader_takes_the_base_from_the_graph(pack, models, monkeypatch, tmp_pat
     a = nodes["D3SRUpscale"].execute(from_graph.args[0], image, **upscale_inputs()).args[0]
     b = nodes["D3SRUpscale"].execute(from_folder.args[0], image, **upscale_inputs()).args[0]
     assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="not both connected"):
+    with pytest.raises(ValueError, match="needs its base model: pick it in base_name, or connect the MODEL and VAE"):
         loader.execute("with_prompt.safetensors", inputs_of(loader)["base_name"].options[0], "fp32", graph_model, None)
 
 
@@ -230,3 +231,98 @@ def test_trained_tsdsr_export_loads_in_the_node_with_no_base(pack, models, tmp_p
         assert max_difference(out, expected.movedim(1, -1)) <= IMAGE_REORDER
     finally:
         target.unlink()
+
+
+def test_loader_validation_lets_a_self_contained_model_ignore_a_stale_base(pack):
+    """A workflow made for another model still holds its base_name; the bundled model runs with it, others say why."""
+    loader = pack.NODE_CLASS_MAPPINGS["D3SRModelLoader"]
+    assert loader.validate_inputs("bundled/d3sr-small-x4.safetensors", "v2-1_512-ema-pruned.safetensors") is True
+    assert loader.validate_inputs("osediff.pkl", "diffusers/tiny-sd2") is True
+    assert loader.validate_inputs("tsdsr/", "diffusers/tiny-sd3") is True  # what older workflows hold
+    message = loader.validate_inputs("osediff.pkl", "v2-1_512-ema-pruned.safetensors")
+    assert isinstance(message, str) and "needs its base model" in message and "v2-1_512-ema-pruned.safetensors" in message
+    assert "not in models/d3sr" in loader.validate_inputs("missing.safetensors", inputs_of(loader)["base_name"].options[0])
+    with pytest.raises(ValueError, match="needs its base model: pick it in base_name, or connect"):
+        loader.execute("osediff.pkl", inputs_of(loader)["base_name"].options[0], "fp32")
+
+
+def test_nodes_are_found_by_search_and_explain_themselves(pack):
+    for node in pack.NODE_CLASS_MAPPINGS.values():
+        schema = node.define_schema()
+        assert schema.description and {"super resolution", "osediff", "tsd-sr"} <= set(schema.search_aliases), schema.node_id
+    seed = inputs_of(pack.NODE_CLASS_MAPPINGS["D3SRUpscale"])["seed"]
+    assert seed.widget["control_after_generate"] == "fixed"  # not the frontend's "randomize" for a widget named seed
+    tile = inputs_of(pack.NODE_CLASS_MAPPINGS["D3SRUpscale"])["tile_size"]
+    assert tile.widget["default"] == -1 and "d3sr-small-x4 32" in tile.tooltip and "OSEDiff 96" in tile.tooltip
+
+
+def test_models_folder_and_sample_image_are_placed_on_first_start(pack, models):
+    import folder_paths
+
+    assert (models / "d3sr").is_dir()
+    placed = Path(folder_paths.get_input_directory()) / "d3sr_sample.png"
+    assert placed.read_bytes() == (ROOT / "samples" / "chelsea_lr.png").read_bytes()
+    placed.write_bytes(b"the user's own file")
+    from nodes.model_folder import place_sample
+
+    place_sample()
+    assert placed.read_bytes() == b"the user's own file"  # never overwritten
+
+
+def test_a_small_tile_size_works_with_the_default_overlap(pack):
+    """tile_size 8 with tile_overlap -1: the overlap follows the tile (at most a third), not OSEDiff's 32."""
+    nodes = pack.NODE_CLASS_MAPPINGS
+    loaded = nodes["D3SRModelLoader"].execute("osediff.pkl", "diffusers/tiny-sd2", "fp32").args[0]
+    out = nodes["D3SRUpscale"].execute(loaded, random_image(24, 32).movedim(1, -1), **upscale_inputs(tile_size=8)).args[0]
+    assert out.shape == (1, 48, 64, 3)
+    with pytest.raises(ValueError, match="tile_size=-2 is not allowed"):
+        nodes["D3SRUpscale"].execute(loaded, random_image(24, 32).movedim(1, -1), **upscale_inputs(tile_size=-2))
+
+
+def test_low_free_memory_parks_vae_tiles_on_disk_with_the_same_pixels(pack, monkeypatch):
+    import comfy.model_management as mm
+
+    nodes = pack.NODE_CLASS_MAPPINGS
+    loaded = nodes["D3SRModelLoader"].execute("osediff.pkl", "diffusers/tiny-sd2", "fp32").args[0]
+    image = random_image(24, 32, seed=4).movedim(1, -1)
+    inputs = upscale_inputs(vae_tile_size=64)
+    in_ram = nodes["D3SRUpscale"].execute(loaded, image, **inputs).args[0]
+    monkeypatch.setattr(mm, "free_memory_bytes", 1024**2)  # 1 MiB free: the RAM store's estimate is far above half
+    seen = []
+    real_upscale = Upscaler.upscale_within_memory
+    monkeypatch.setattr(Upscaler, "upscale_within_memory", lambda self, images, options, *a: seen.append(options.vae_tile_store) or real_upscale(self, images, options, *a))
+    on_disk = nodes["D3SRUpscale"].execute(loaded, image, **inputs).args[0]
+    assert seen == ["disk"] and torch.equal(in_ram, on_disk)
+
+
+def test_cancel_leaves_no_image_sized_tensor_behind_even_if_the_host_keeps_the_exception(pack):
+    import gc
+
+    import comfy.model_management as mm
+
+    nodes = pack.NODE_CLASS_MAPPINGS
+    loaded = nodes["D3SRModelLoader"].execute("osediff.pkl", "diffusers/tiny-sd2", "fp32").args[0]
+    image = random_image(40, 56, seed=7).movedim(1, -1)
+    processed = (512, 717)  # min_process_side 512: what the core's frames hold as whole-image tensors
+
+    def image_sized():
+        gc.collect()
+        return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and tuple(o.shape[-2:]) == processed]
+
+    before = len(image_sized())
+    calls = []
+
+    def interrupt_late():
+        calls.append(1)
+        if len(calls) > 3:  # after the encoder has allocated its whole-image tensors
+            raise mm.InterruptProcessingException()
+
+    original = mm.throw_exception_if_processing_interrupted
+    mm.throw_exception_if_processing_interrupted = interrupt_late
+    try:
+        with pytest.raises(mm.InterruptProcessingException) as kept:  # kept: the exception, as a host may keep it
+            nodes["D3SRUpscale"].execute(loaded, image, **upscale_inputs(scale=4, vae_tile_size=256))
+    finally:
+        mm.throw_exception_if_processing_interrupted = original
+    assert kept.value.__traceback__ is not None
+    assert len(image_sized()) == before

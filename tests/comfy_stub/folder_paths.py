@@ -37,3 +37,7 @@ def get_full_path_or_raise(folder_name, filename):
         if os.path.isfile(path):
             return path
     raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.")
+
+
+def get_input_directory():
+    return os.path.join(os.path.dirname(models_dir), "input")

@@ -16,6 +16,7 @@ class Schema:
     outputs: list = field(default_factory=list)
     description: str = ""
     is_output_node: bool = False
+    search_aliases: list = field(default_factory=list)  # newer ComfyUI (0.3.75 has none): nodes/schema.py adapts
 
 
 class NodeOutput:
