@@ -1,5 +1,11 @@
-"""``d3sr bench``: time and peak memory of our pipeline against a reference path run the way the official scripts
-run the same weights (LoRA adapters unmerged, fp32, OSEDiff's tiling), in one process, interleaved.
+"""``d3sr bench``: time and peak memory of our pipeline against a reference path, in one process, interleaved.
+
+The reference is **this project's pipeline run with the settings of the official ``test_osediff.py``** (peft LoRA
+adapters unmerged, ``--merge_and_unload_lora False``; PyTorch's own kernels; OSEDiff's tiling; the official default
+precision, fp16, on a GPU, and fp32 on the CPU, where the official script does not run). It is not the official
+script itself (no DAPE tagger, no text encoder): it isolates what our defaults (merged LoRA, Winograd, tiles) change.
+Before any time is taken, both paths must produce the same image within :data:`AGREEMENT_BOUNDS`; if our path runs
+other tiles than the reference, the reference is run once more with ours for that check.
 
 The models are built from the shipped configs with random weights and OSEDiff-shaped LoRA (rank 4 on every
 convolution and attention projection of the UNet and the VAE encoder): speed does not depend on the values.
@@ -80,6 +86,37 @@ def osediff_shaped_generator(arch: str, merge: bool):
         merge_adapters(generator.denoiser)
         merge_adapters(generator.vae)
     return generator
+
+
+REFERENCE_IS = (
+    "this project's pipeline with the official test_osediff.py settings: peft LoRA unmerged, PyTorch's own kernels, "
+    "OSEDiff's tiling, fp16 on a GPU (the official default) and fp32 on the CPU"
+)
+AGREEMENT_BOUNDS = {"fp32": {"max_abs": 1e-3}, "half": {"min_psnr_db": 30.0}}
+"""How close our path's image must be to the reference's (both in [0, 1]) before any time is printed: in fp32 on
+both sides only rounding differs (merged LoRA, Winograd: measured 2.5e-5 on the tiny model), so 1e-3 at any pixel;
+when either side computes in fp16 or bf16 (8 and 11 bits of mantissa), a PSNR of at least 30 dB between the two."""
+
+
+class BenchMismatch(ValueError):
+    """Our path and the reference computed different images; the message is one sentence with the numbers."""
+
+
+def reference_dtype(device: torch.device) -> str:
+    """The official script's precision where it runs: ``--mixed_precision fp16`` on a GPU; fp32 on the CPU."""
+    return "fp32" if device.type == "cpu" else "fp16"
+
+
+def agreement(reference: torch.Tensor, ours: torch.Tensor, half: bool) -> dict:
+    """The two images' largest absolute difference and PSNR (images in [0, 1]), the bound that applies, and whether
+    it is met."""
+    difference = (reference.float().cpu() - ours.float().cpu())
+    mse = float(difference.pow(2).mean())
+    psnr = float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+    bound = AGREEMENT_BOUNDS["half" if half else "fp32"]
+    max_abs = float(difference.abs().max())
+    ok = max_abs <= bound["max_abs"] if "max_abs" in bound else psnr >= bound["min_psnr_db"]
+    return {"max_abs": max_abs, "psnr_db": psnr, "bound": bound, "ok": ok}
 
 
 _OPEN_CUDA_MEASURES: list["PeakMemory"] = []
@@ -174,7 +211,9 @@ def run_bench(arch: str, sizes: list[int], scale: int, repeats: int, device: tor
     """Median seconds and peak memory per image (whole and per stage) for both paths at each input size, and
     their ratios.
 
-    The reference path runs OSEDiff's tiling and PyTorch's default kernels. Our path: ``winograd`` (``None``:
+    The reference path (:data:`REFERENCE_IS`) runs OSEDiff's tiling, PyTorch's default kernels and
+    :func:`reference_dtype`. Raises :class:`BenchMismatch` when the two paths' images differ beyond
+    :data:`AGREEMENT_BOUNDS`, before anything is timed. Our path: ``winograd`` (``None``:
     wherever it applies, see ``Upscaler``), ``tiles`` = ``(latent, VAE encoder, VAE decoder)`` tile sizes instead
     of OSEDiff's, and ``vae_tile_store``."""
     osediff = PRESETS["osediff"].updated(scale=scale, min_process_side=0)
@@ -183,18 +222,32 @@ def run_bench(arch: str, sizes: list[int], scale: int, repeats: int, device: tor
         ours = ours.updated(tile_size=tiles[0], tile_overlap=min(ours.tile_overlap, max(0, tiles[0] - 1)),
                             vae_encoder_tile_size=tiles[1], vae_decoder_tile_size=tiles[2])
     ours_upscaler = Upscaler(osediff_shaped_generator(arch, merge=True), device=device, dtype=dtype, winograd=winograd)
+    ref_dtype = reference_dtype(device)
     paths = [
-        BenchPath("reference", Upscaler(osediff_shaped_generator(arch, merge=False), device=device, dtype="fp32",
+        BenchPath("reference", Upscaler(osediff_shaped_generator(arch, merge=False), device=device, dtype=ref_dtype,
                                         winograd=False), osediff),
         BenchPath("ours", ours_upscaler, ours),
     ]
-    results = []
+    half = ours_upscaler.generator.denoiser_dtype != torch.float32 or ref_dtype != "fp32"
+    results, agreements = [], []
     for size in sizes:
         image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(size))
         samples = {p.name: {"seconds": [], "peak_bytes": []} for p in paths}
-        for _ in range(warmup):  # not timed
+        outputs = {}
+        for _ in range(max(1, warmup)):  # not timed; the last run of each path is checked below
             for p in paths:
-                p.upscaler.upscale(image, p.options)
+                outputs[p.name] = p.upscaler.upscale(image, p.options)
+        if ours != osediff:  # other tiles compute another image: compare with the reference on ours
+            outputs["reference"] = paths[0].upscaler.upscale(image, ours)
+        check = agreement(outputs["reference"], outputs["ours"], half)
+        agreements.append({"input_size": size, **check})
+        if not check["ok"]:
+            raise BenchMismatch(
+                f"at {size} px our path's image differs from the reference's by {check['max_abs']:.3g} at most "
+                f"(PSNR {check['psnr_db']:.1f} dB), outside the bound {check['bound']}, so no time is reported."
+            )
+        progress(f"{size}px: the paths agree (max |difference| {check['max_abs']:.2g}, PSNR {check['psnr_db']:.1f} dB, "
+                 f"bound {check['bound']})")
         for p in paths:
             p.stages.reset()
         for repeat in range(repeats):
@@ -226,6 +279,8 @@ def run_bench(arch: str, sizes: list[int], scale: int, repeats: int, device: tor
     return {
         "arch": arch, "device": str(device), "dtype": dtype, "winograd": ours_upscaler.winograd, "scale": scale,
         "repeats": repeats, "warmup": warmup, "ours_options": ours.to_json(),
+        "reference_is": REFERENCE_IS, "reference_dtype": ref_dtype, "reference_options": osediff.to_json(),
+        "agreement": agreements,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results, "ratios": ratios,
         "memory_growth": memory_growth(results),
     }

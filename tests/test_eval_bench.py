@@ -224,3 +224,30 @@ def test_folder_output_replaces_the_old_folder_with_the_usual_mode(tmp_path):
             (tmp / "file.txt").write_text("broken")
             raise RuntimeError("interrupted")
     assert (target / "file.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model_tsdsr"]
+
+
+def test_bench_checks_both_paths_compute_the_same_image_before_timing(monkeypatch):
+    from d3sr_cli import bench
+
+    lines = []
+    report = bench.run_bench("tiny", [16], 4, 1, torch.device("cpu"), "auto", warmup=0, progress=lines.append)
+    assert report["reference_dtype"] == "fp32" and "official test_osediff.py settings" in report["reference_is"]
+    (check,) = report["agreement"]
+    assert check["ok"] and 0 < check["max_abs"] <= bench.AGREEMENT_BOUNDS["fp32"]["max_abs"]
+    assert lines[0].startswith("16px: the paths agree")
+    # A bound nothing meets: the bench refuses before any time is taken or printed.
+    monkeypatch.setitem(bench.AGREEMENT_BOUNDS, "fp32", {"max_abs": 0.0})
+    lines.clear()
+    with pytest.raises(bench.BenchMismatch, match="differs from the reference's by .* no time is reported"):
+        bench.run_bench("tiny", [16], 4, 1, torch.device("cpu"), "auto", warmup=0, progress=lines.append)
+    assert lines == []
+
+
+def test_bench_reference_runs_the_official_default_precision():
+    from d3sr_cli.bench import agreement, reference_dtype
+
+    assert reference_dtype(torch.device("cuda")) == "fp16" and reference_dtype(torch.device("cpu")) == "fp32"
+    a = torch.zeros(1, 3, 4, 4)
+    assert agreement(a, a + 0.01, half=True)["ok"]  # 40 dB
+    assert not agreement(a, a + 0.1, half=True)["ok"]  # 20 dB
+    assert not agreement(a, a + 0.01, half=False)["ok"]
