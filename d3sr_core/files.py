@@ -235,17 +235,27 @@ class FolderLockedError(RuntimeError):
     """Another live process holds the folder; the message is one sentence."""
 
 
+_HELD: dict[str, list[int]] = {}
+"""Folders this process holds: ``realpath -> [fd, holders]`` (a lock keeps other processes out, not this one)."""
+
+
 class FolderLock:
     """An exclusive ``flock`` on ``<folder>/.lock``, held from :meth:`acquire` until :meth:`release` or the end
-    of the process (the kernel drops it when the process dies, ``SIGKILL`` included)."""
+    of the process (the kernel drops it when the process dies, ``SIGKILL`` included). Another process that asks
+    for it gets :class:`FolderLockedError`; this process may take it again (it counts its holders)."""
 
     def __init__(self, folder: str | os.PathLike, what: str = "the folder"):
         self.folder = Path(folder)
         self.what = what
-        self._fd: int | None = None
+        self._key: str | None = None
 
     def acquire(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.folder)
+        if key in _HELD:
+            _HELD[key][1] += 1
+            self._key = key
+            return self
         fd = os.open(self.folder / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
         if not _try_lock(fd):
             os.close(fd)
@@ -256,13 +266,20 @@ class FolderLock:
         if fcntl is not None:  # msvcrt locks the first byte against writes too
             os.ftruncate(fd, 0)
             os.write(fd, f"process {os.getpid()}".encode())
-        self._fd = fd
+        _HELD[key] = [fd, 1]
+        self._key = key
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._key is None:
+            return
+        key, self._key = self._key, None
+        held = _HELD.get(key)
+        if held is not None:
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[key]
+                os.close(held[0])
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()

@@ -6,6 +6,7 @@ Tensors are ``(C, H, W)`` float32 in [0, 1] with C = 1 (gray), 3 (RGB) or 4 (RGB
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,3 +143,49 @@ def list_images(paths: list[str | os.PathLike]) -> list[Path]:
         else:
             found.append(p)
     return found
+
+
+def check_image(path: str | os.PathLike) -> None:
+    """Make sure :func:`read_image` will read ``path``, without keeping its pixels: the header is read, a PNG's
+    chunks are checked against their CRCs, other formats are decoded (JPEG at 1/8 size, which still reads every
+    byte). Raises :class:`ImageFileError` with one sentence naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageFileError(f"{path} does not exist or is not a file; expected an image.")
+    if path.stat().st_size == 0:
+        raise ImageFileError(f"{path} is empty (0 bytes); expected an image.")
+    header = _png_header(path)
+    if header is not None and (header[0] == 0 or header[1] == 0):
+        raise ImageFileError(f"{path} has no pixels ({header[0]}x{header[1]}).")
+    try:
+        with Image.open(path) as im:
+            if im.width == 0 or im.height == 0:
+                raise ImageFileError(f"{path} has no pixels ({im.width}x{im.height}).")
+            if im.mode in ("I", "F") and header is None:
+                raise ImageFileError(f"{path} has 32-bit {im.mode!r} pixels; expected 8- or 16-bit gray, RGB or RGBA.")
+            if im.format == "PNG":
+                im.verify()
+            else:
+                if im.format == "JPEG":
+                    im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+    except ImageFileError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+        raise ImageFileError(f"{path} is not a readable image ({type(err).__name__}: {err}).") from None
+
+
+def verified_images(paths: list[Path], *, skip_bad: bool = False, hint: str = "") -> list[Path]:
+    """``paths`` after :func:`check_image` on each: the first bad one raises :class:`ImageFileError` (its sentence,
+    then ``hint``), or with ``skip_bad`` every bad one is left out with one log line."""
+    good = []
+    for path in paths:
+        try:
+            check_image(path)
+        except ImageFileError as err:
+            if not skip_bad:
+                raise ImageFileError(f"{str(err).rstrip('.')}{'; ' + hint if hint else ''}.") from None
+            logging.getLogger("d3sr").warning("d3sr: left out: %s", err)
+            continue
+        good.append(path)
+    return good

@@ -222,7 +222,7 @@ def test_sigterm_saves_a_checkpoint_and_a_write_that_dies_leaves_no_final_checkp
         resumed.save(4)
     assert (out / "checkpoint-4.partial").is_dir() and not (out / "checkpoint-4").exists()
     assert [s for s, _ in complete_checkpoints(out)] == [3]
-    assert Trainer(tiny_config(hr_dir, "train.max_steps=10"), out, resume=True).start_step == 3
+    assert Trainer(tiny_config(hr_dir, "train.max_steps=10", "train.ema_decay=0.9"), out, resume=True).start_step == 3
     with pytest.raises(ValueError, match="already holds checkpoints"):
         Trainer(tiny_config(hr_dir), out)
 

@@ -43,6 +43,9 @@ DEFAULTS: dict = {
         "flip": True,
         "num_workers": 2,
         "cache_images": False,  # keep decoded images in memory (small datasets of large photos)
+        # Every image is checked when the data opens, before step 1: a bad one stops the run with its path, or,
+        # with skip_bad_images, is left out with one log line.
+        "skip_bad_images": False,
         "latent_dir": None,  # precomputed HR latents (python -m training.latents); the VAE then skips the HR images
         "degradation": {},  # overrides of training.degradation.DegradationConfig (OSEDiff's Real-ESRGAN set)
     },
@@ -112,7 +115,10 @@ def parse_override(text: str) -> dict:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r} is not key=value.")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r} has a value that is not valid YAML ({_yaml_problem(err)}).") from None
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
@@ -122,11 +128,62 @@ def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML ({_yaml_problem(err)}).") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read ({err}).") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level.")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in a few words with its line, e.g. ``mapping values are not allowed here at line 3``."""
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}" if mark is not None else problem
+
+
+CHANGEABLE_ON_RESUME = (
+    "train.max_steps",
+    "train.checkpoint_every",
+    "train.checkpoints_total_limit",
+    "train.log_every",
+    "train.log_with",
+    "data.num_workers",
+    "data.cache_images",
+    "data.skip_bad_images",
+)
+"""Keys a ``--resume`` may change (how long, how often to save and log, how data is read): applied and recorded.
+Any other change would mix two runs in one (a learning rate, a seed, a crop, a rank) and is refused."""
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """Every leaf of a nested config as ``a.b.c -> value`` (an empty mapping is a leaf)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_changes(saved: dict, new: dict) -> tuple[dict, list[str]]:
+    """``(allowed, refused)`` between a run's saved config and the config of its ``--resume``: ``allowed`` maps
+    each changed key of :data:`CHANGEABLE_ON_RESUME` to ``(old, new)``; ``refused`` lists every other changed key."""
+    old, now, defaults = flat_config(saved), flat_config(new), flat_config(DEFAULTS)
+    absent = object()
+    # A key newer than the saved run counts as unchanged while it keeps its default.
+    changed = sorted(
+        k for k in old.keys() | now.keys()
+        if old.get(k, absent) != now.get(k, absent) and not (k not in old and k in defaults and now.get(k) == defaults[k])
+    )
+    allowed = {k: (old.get(k), now.get(k)) for k in changed if k in CHANGEABLE_ON_RESUME}
+    return allowed, [k for k in changed if k not in CHANGEABLE_ON_RESUME]
 
 
 def preset_names() -> list[str]:

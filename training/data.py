@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from d3sr_core.image_io import ImageFileError, list_images, read_image
+from d3sr_core.image_io import ImageFileError, list_images, read_image, verified_images
 
 from .degradation import DegradationConfig, real_esrgan_degrade
 
@@ -112,11 +112,14 @@ class SRPairDataset(Dataset):
         make_lq: bool = True,
         cache_images: bool = False,
         latent_dir: str | os.PathLike | None = None,
+        skip_bad_images: bool = False,
     ):
         hr_dir = Path(hr_dir)
         if not hr_dir.is_dir():
             raise ValueError(f"data.hr_dir {hr_dir} is not a folder; expected a folder of high-resolution images.")
-        self.hr_files = list_images([hr_dir])
+        # Checked now, so a bad image stops the run before step 1 (or is left out with skip_bad_images).
+        self.hr_files = verified_images(list_images([hr_dir]), skip_bad=skip_bad_images,
+                                        hint="fix or remove it, or set data.skip_bad_images: true to leave bad images out")
         if not self.hr_files:
             raise ValueError(f"data.hr_dir {hr_dir} holds no image files.")
         if crop_size % scale:

@@ -23,8 +23,10 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
+import zipfile
 from pathlib import Path
 
 import torch
@@ -32,8 +34,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from d3sr_core.files import atomic_output
+from d3sr_core.files import FolderLock, FolderLockedError, atomic_output, sweep_stale_temporaries
 
+from .config import resume_changes
 from .data import SRPairDataset, StreamPosition, build_dataloader
 from .degradation import DegradationConfig
 from .methods import METHODS, Prepared, TrainingMethod
@@ -57,14 +60,80 @@ def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every complete checkpoint in ``output_dir``, oldest first."""
+def _state_step(folder: Path) -> int:
+    """The step in ``folder``'s ``training_state.json``; ``ValueError`` (one phrase) when it cannot be read."""
+    try:
+        with open(folder / STATE_FILE, encoding="utf-8") as f:
+            step = json.load(f)["step"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{STATE_FILE} cannot be read ({type(err).__name__}: {err})") from None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{STATE_FILE} has the step {step!r}, not a whole number")
+    return step
+
+
+def checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``checkpoint-<step>`` folder (not ``.partial``), oldest first, by name."""
     found = []
     for folder in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        if folder.is_dir() and not folder.name.endswith(PARTIAL_SUFFIX) and (folder / STATE_FILE).is_file():
-            with open(folder / STATE_FILE, encoding="utf-8") as f:
-                found.append((int(json.load(f)["step"]), folder))
+        number = folder.name[len(CHECKPOINT_PREFIX):]
+        if folder.is_dir() and number.isdigit():
+            found.append((int(number), folder))
     return sorted(found)
+
+
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every checkpoint in ``output_dir`` whose state file reads, oldest first."""
+    found = []
+    for _, folder in checkpoint_folders(output_dir):
+        try:
+            found.append((_state_step(folder), folder))
+        except ValueError:
+            continue
+    return sorted(found)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from, checked file by file without loading weights into a model (the state
+    file, the trained tensors, the config, and every pickled state of accelerate is a complete archive); ``None``
+    when every file is whole."""
+    try:
+        _state_step(folder)
+    except ValueError as err:
+        return str(err)
+    for name in (TRAINABLE_FILE, "config.yaml"):
+        if not (folder / name).is_file() or (folder / name).stat().st_size == 0:
+            return f"{name} is missing or empty"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / TRAINABLE_FILE), framework="pt") as f:
+            if not list(f.keys()):
+                return f"{TRAINABLE_FILE} holds no tensors"
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        return f"{TRAINABLE_FILE} cannot be read ({type(err).__name__}: {err})"
+    try:
+        with open(folder / "config.yaml", encoding="utf-8") as f:
+            if not isinstance(yaml.safe_load(f), dict):
+                return "config.yaml holds no mapping"
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        return f"config.yaml cannot be read ({type(err).__name__})"
+    for path in sorted(folder.iterdir()):
+        if path.suffix not in (".bin", ".pkl", ".pt", ".pth"):
+            continue
+        try:
+            if zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                if bad is not None:
+                    return f"{path.name} is damaged (its member {bad} fails its checksum)"
+            else:
+                with open(path, "rb") as f:
+                    if f.read(1) != b"\x80":
+                        return f"{path.name} is neither a torch archive nor a pickle"
+        except (OSError, zipfile.BadZipFile, EOFError) as err:
+            return f"{path.name} is damaged ({type(err).__name__}: {err})"
+    return None
 
 
 class EMA:
@@ -125,12 +194,25 @@ class Trainer:
                 raise TrainingError(f"train.{key} is {train[key]}; it must be at least 1.")
         if config["data"]["hr_dir"] is None:
             raise TrainingError("no training data: set data.hr_dir (a folder of high-resolution images), e.g. with --data DIR.")
-        existing = complete_checkpoints(self.output_dir) if self.output_dir.is_dir() else []
+        # One run per output folder: the lock dies with the process that holds it, SIGKILL included.
+        self._lock = None
+        if int(os.environ.get("RANK", "0")) == 0:
+            try:
+                self._lock = FolderLock(self.output_dir, "--output-dir").acquire()
+            except FolderLockedError as err:
+                raise TrainingError(str(err)) from None
+            except OSError as err:
+                raise TrainingError(f"--output-dir {self.output_dir} cannot be used ({err.strerror or err}).") from None
+            self._sweep_leftovers()
+        existing = checkpoint_folders(self.output_dir) if self.output_dir.is_dir() else []
         if existing and not resume:
             raise TrainingError(
                 f"{self.output_dir} already holds checkpoints (newest step {existing[-1][0]}); pass --resume to "
                 "continue that run, or choose another --output-dir."
             )
+        # Resume candidates, newest first: damaged ones are skipped (and said so); a changed config is refused
+        # before any model is built.
+        self._candidates = self._resume_candidates(existing) if resume else []
         # Without a GPU, accelerate turns a multi-process launch (torchrun's WORLD_SIZE) into gloo CPU processes
         # only when told to use the CPU.
         cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -151,8 +233,8 @@ class Trainer:
         accelerator.register_save_state_pre_hook(self._save_models_hook)
         accelerator.register_load_state_pre_hook(self._load_models_hook)
         self.start_step = 0
-        if resume and existing:
-            self.start_step = self._resume(existing[-1][1])
+        if self._candidates:
+            self.start_step = self._resume_newest()
         self._stop_requested = False
         self.model_path: Path | None = None
         """Where :meth:`train` wrote the finished model (main process)."""
@@ -201,9 +283,85 @@ class Trainer:
     def _load_models_hook(self, models, input_dir) -> None:
         models.clear()
 
+    def _sweep_leftovers(self) -> None:
+        """With the folder's lock held, what a killed run left half-written is removed: ``.partial`` checkpoints
+        and temporary files of atomic writes."""
+        for partial in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*{PARTIAL_SUFFIX}"):
+            shutil.rmtree(partial, ignore_errors=True)
+            print(f"removed {partial}, left half-written by a run that was killed")
+        for folder in (self.output_dir, self.output_dir / "logs"):
+            if folder.is_dir():
+                sweep_stale_temporaries(".", folder, file_suffix=".tmp")
+
+    def _resume_candidates(self, existing: list[tuple[int, Path]]) -> list[Path]:
+        """The checkpoints to try, newest first: damaged ones are left out with one line each, and the newest
+        whole one's config must equal this run's but for :data:`training.config.CHANGEABLE_ON_RESUME`."""
+        candidates = []
+        for step, folder in reversed(existing):
+            problem = checkpoint_problem(folder)
+            if problem is not None:
+                print(f"checkpoint {folder} is damaged ({problem}); falling back to the previous complete one")
+                continue
+            candidates.append(folder)
+        if existing and not candidates:
+            raise TrainingError(f"every checkpoint in {self.output_dir} is damaged; nothing can be resumed (start a new --output-dir).")
+        if candidates:
+            self._check_resume_config(candidates[0])
+        return candidates
+
+    def _check_resume_config(self, folder: Path) -> None:
+        with open(folder / "config.yaml", encoding="utf-8") as f:
+            saved = yaml.safe_load(f)
+        allowed, refused = resume_changes(saved, self.config)
+        if refused:
+            shown = ", ".join(f"{k} ({_flat_value(saved, k)!r} -> {_flat_value(self.config, k)!r})" for k in refused[:8])
+            more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
+            raise TrainingError(
+                f"--resume cannot change {shown}{more} of the run saved in {folder}; resume with the saved values, "
+                "or start a new --output-dir."
+            )
+        self.resume_changes = allowed
+        for key, (old, new) in allowed.items():
+            print(f"resuming with {key} changed from {old!r} to {new!r}")
+
+    def _resume_newest(self) -> int:
+        """Load the newest whole checkpoint; one that fails to load falls back to the previous one, said so."""
+        errors = (TrainingError, ValueError, RuntimeError, OSError, KeyError, EOFError, pickle.UnpicklingError)
+        for index, folder in enumerate(self._candidates):
+            if index:
+                self._check_resume_config(folder)
+            try:
+                step = self._resume(folder)
+            except errors as err:
+                detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                self.accelerator.print(f"checkpoint {folder} cannot be loaded ({detail}); falling back to the previous complete one")
+                continue
+            if self.accelerator.is_main_process and getattr(self, "resume_changes", None):
+                self._record_changes(step)
+            return step
+        raise TrainingError(f"no checkpoint in {self.output_dir} could be loaded; nothing can be resumed (start a new --output-dir).")
+
+    def _record_changes(self, step: int) -> None:
+        """Append this resume's allowed config changes to ``logs/resumes.yaml`` (the next checkpoint's
+        ``config.yaml`` and the exported model's ``training_config`` hold the new values too)."""
+        path = self.output_dir / "logs" / "resumes.yaml"
+        history = []
+        if path.is_file():
+            try:
+                history = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+            except (OSError, yaml.YAMLError):
+                history = []
+        history.append({"step": step, "changes": {k: {"from": o, "to": n} for k, (o, n) in self.resume_changes.items()}})
+        with atomic_output(path) as tmp:
+            tmp.write_text(yaml.safe_dump(history, sort_keys=False), encoding="utf-8")
+
     def _resume(self, folder: Path) -> int:
         self.accelerator.load_state(str(folder))
         tensors = load_file(str(folder / TRAINABLE_FILE))
+        expected = set(self.method.trainable_state_dict())
+        missing = sorted(expected - set(tensors))
+        if missing:
+            raise TrainingError(f"{folder / TRAINABLE_FILE} lacks the trained tensor {missing[0]!r} of this run.")
         self.method.load_trainable_state_dict({k: v for k, v in tensors.items() if not k.startswith(EMA_PREFIX)})
         if self.ema is not None:
             for key in self.ema.shadow:
@@ -220,20 +378,29 @@ class Trainer:
         accelerator = self.accelerator
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))
-        accelerator.wait_for_everyone()  # every rank's RNG state is in the folder before it is renamed
-        if accelerator.is_main_process:
-            self.write_model(partial)
-            with open(partial / "config.yaml", "w", encoding="utf-8") as f:
-                yaml.safe_dump(self.config, f, sort_keys=False)
-            with open(partial / STATE_FILE, "w", encoding="utf-8") as f:
-                json.dump({"step": step, "method": self.config["method"]}, f)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
+        try:
+            if accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(partial))
+            accelerator.wait_for_everyone()  # every rank's RNG state is in the folder before it is renamed
+            if accelerator.is_main_process:
+                self.write_model(partial)
+                with open(partial / "config.yaml", "w", encoding="utf-8") as f:
+                    yaml.safe_dump(self.config, f, sort_keys=False)
+                with open(partial / STATE_FILE, "w", encoding="utf-8") as f:
+                    json.dump({"step": step, "method": self.config["method"]}, f)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(partial, final)
+        except (OSError, RuntimeError) as err:  # a full disk: torch's writer raises RuntimeError, the rest OSError
+            if accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TrainingError(
+                f"{final.name} could not be written in {self.output_dir} ({detail}); the half-written folder was removed "
+                "and the earlier checkpoints are kept: free some space and run again with --resume."
+            ) from None
             limit = int(self.config["train"]["checkpoints_total_limit"])
             for _, old in complete_checkpoints(self.output_dir)[:-limit] if limit > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
@@ -271,6 +438,7 @@ class Trainer:
             make_lq=self.method.needs_lq,
             cache_images=bool(data["cache_images"]),
             latent_dir=data["latent_dir"],
+            skip_bad_images=bool(data["skip_bad_images"]),
         )
         accumulation = int(train["gradient_accumulation_steps"])
         position = StreamPosition(
@@ -323,11 +491,29 @@ class Trainer:
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
-        if status == "finished" and accelerator.is_main_process:
-            self.model_path = self.write_model(self.output_dir)
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
+        try:
+            if status == "finished" and accelerator.is_main_process:
+                self.model_path = self.write_model(self.output_dir)
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+        finally:
+            self.release()
         return status
+
+    def release(self) -> None:
+        """Give the output folder's lock back (it also goes when the process ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _flat_value(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "<absent>"
+        node = node[part]
+    return node
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
