@@ -26,7 +26,7 @@ def _tile_value(name: str, value: int | None) -> int | None:
 
 def host_options(
     defaults: UpscaleOptions,
-    vae,
+    vae_scale_factor: int = 8,
     *,
     tile_size: int | None = DEFAULT,
     tile_overlap: int | None = DEFAULT,
@@ -37,9 +37,8 @@ def host_options(
     """``defaults`` (a model's) with a host's choices: tile values as :data:`DEFAULT` / :data:`OFF` / a size (latent
     pixels for ``tile_size`` and ``tile_overlap``, image pixels for ``vae_tile_size``); ``vae_tile_store`` ``None``
     leaves the store to :func:`memory.choose_tile_store` per image (see :func:`with_tile_store`); other ``changes``
-    (``scale``, ``color_fix``, ...) as :meth:`UpscaleOptions.updated` takes them (``None`` keeps the default)."""
-    from .generator import vae_scale_factor
-
+    (``scale``, ``color_fix``, ...) as :meth:`UpscaleOptions.updated` takes them (``None`` keeps the default).
+    ``vae_scale_factor`` (the generator's) turns ``vae_tile_size`` into the decoder's latent tile."""
     size = _tile_value("tile_size", tile_size)
     overlap = _tile_value("tile_overlap", tile_overlap)
     if size and overlap is None:
@@ -47,7 +46,7 @@ def host_options(
     return defaults.updated(
         tile_size=size,
         tile_overlap=overlap,
-        **vae_tile_sizes(_tile_value("vae_tile_size", vae_tile_size), vae_scale_factor(vae)),
+        **vae_tile_sizes(_tile_value("vae_tile_size", vae_tile_size), vae_scale_factor),
         vae_tile_store=vae_tile_store,
         **changes,
     )

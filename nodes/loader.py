@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from d3sr_core.backbones import load_base
 from d3sr_core.backbones.sd2 import sd2_base_from_ldm_state_dict
-from d3sr_core.checkpoints import build_generator, embedded_base, embeds_base, load_checkpoint
+from d3sr_core.checkpoints import build_generator, embedded_base, embeds_base, load_checkpoint, peek
 from d3sr_core.files import ModelFileError
 from d3sr_core.generator import OneStepGenerator
 from d3sr_core.options import DTYPES, UpscaleOptions
@@ -83,6 +83,11 @@ class ModelLoader(io.ComfyNode):
         models = list_models()
         folder = tsdsr_folder_name(model_name)
         if model_name not in models and not (folder and f"{folder}/{TSDSR_FILES[0]}" in models):  # "name/": older workflows
+            try:  # a file that is there but not listed: say what is wrong with it
+                peek(model_path(model_name))
+            except (ModelFileError, OSError) as err:
+                if not isinstance(err, FileNotFoundError):
+                    return str(err).strip().splitlines()[0]
             return f"model_name {model_name!r} is not in models/d3sr; choose one of {models}."
         if base_name == NO_BASE or base_name in list_bases():
             return True

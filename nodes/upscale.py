@@ -83,7 +83,7 @@ class Upscale(io.ComfyNode):
     def execute(cls, d3sr_model, image, scale, tile_size, tile_overlap, vae_tile_size, color_fix, vae_sample, seed) -> io.NodeOutput:
         generator = d3sr_model.generator
         options = host_options(
-            d3sr_model.defaults, generator.vae, tile_size=tile_size, tile_overlap=tile_overlap, vae_tile_size=vae_tile_size,
+            d3sr_model.defaults, generator.vae_scale_factor, tile_size=tile_size, tile_overlap=tile_overlap, vae_tile_size=vae_tile_size,
             scale=scale, color_fix=None if color_fix == METHOD_DEFAULT else color_fix, vae_sample=vae_sample, seed=seed,
         )
         device = model_management.get_torch_device()

@@ -140,8 +140,8 @@ def test_api_route_answers_and_rejects_bad_requests(ext):
     again = endpoint(ext.UpscaleRequest(image=encoded, model="osediff", scale=2))
     assert Image.open(io.BytesIO(base64.b64decode(again.image))).size == (64, 48)
     for request, message in (
-        (ext.UpscaleRequest(image="not base64!", model="osediff"), "image is not a base64-encoded image file"),
-        (ext.UpscaleRequest(image=base64.b64encode(b"hello").decode(), model="osediff"), "image is not a base64-encoded image file"),
+        (ext.UpscaleRequest(image="not base64!", model="osediff"), "image is not valid base64"),
+        (ext.UpscaleRequest(image=base64.b64encode(b"hello").decode(), model="osediff"), "image is base64 but not an image file"),
         (ext.UpscaleRequest(image=encoded, model="nope"), "model 'nope' is not one of ['d3sr-small-x4', 'osediff', 'tsdsr']"),
         (ext.UpscaleRequest(image=encoded, model="osediff", color_fix="lab"), "color_fix 'lab' is not one of"),
         (ext.UpscaleRequest(image=encoded, model="osediff", base="missing.safetensors"), "base model 'missing.safetensors' is not in"),
@@ -149,6 +149,7 @@ def test_api_route_answers_and_rejects_bad_requests(ext):
         with pytest.raises(HTTPException) as caught:
             endpoint(request)
         assert caught.value.status_code == 422 and message in caught.value.detail
+        assert "BytesIO" not in caught.value.detail and " at 0x" not in caught.value.detail
 
 
 INCOMPATIBLE = {
@@ -167,21 +168,149 @@ def test_scripts_use_only_calls_both_webuis_have():
             assert not re.search(pattern, source, re.MULTILINE), f"{path.name}: {why}"
 
 
-def test_install_script_installs_only_what_is_missing_and_never_torch(monkeypatch):
-    import runpy
+def test_settings_sit_in_a_category(ext):
+    from modules import shared
+
+    assert all(getattr(info, "category_id", None) == "postprocessing"
+               for key, info in shared.opts.data_labels.items() if key.startswith("d3sr"))
+
+
+def test_reforge_fixed_upscaler_list_gets_the_d3sr_upscalers_once(ext):
+    """reForge main builds shared.sd_upscalers from its own classes only: the extension adds its entries after."""
+    from modules import modelloader, shared
+
+    modelloader.load_upscalers()
+    names = [u.name for u in shared.sd_upscalers]
+    assert "D3SR d3sr-small-x4" in names and "D3SR osediff" in names
+    modelloader.load_upscalers()  # Reload UI runs it again
+    ext.ensure_listed()
+    assert [u.name for u in shared.sd_upscalers] == names
+
+
+def test_api_job_progress_is_never_negative(ext, monkeypatch):
+    from modules import script_callbacks, shared
+
+    routes = {}
+
+    class App:
+        def add_api_route(self, path, endpoint, methods, response_model):
+            routes[path] = endpoint
+
+    for callback in script_callbacks.app_started_callbacks:
+        callback(None, App())
+    seen = []
+    real = ext.OneStepUpscaler.upscale_within_memory
+
+    def watching(self, images, options, progress=None, free_cache=None):
+        def spy(done, total):
+            progress(done, total)
+            seen.append(shared.state.progress())
+        return real(self, images, options, spy, free_cache)
+
+    monkeypatch.setattr(ext.OneStepUpscaler, "upscale_within_memory", watching)
+    buffer = io.BytesIO()
+    photo().save(buffer, format="PNG")
+    routes["/d3sr/v1/upscale"](ext.UpscaleRequest(image=base64.b64encode(buffer.getvalue()).decode(), model="osediff", scale=2))
+    assert seen and all(0 <= value <= 1 for value in seen) and seen == sorted(seen)
+
+
+def test_tile_values_mean_the_same_as_in_every_host(ext, monkeypatch):
+    """-1: the setting (whose -1 is the model's default); 0: off; a small tile gets an overlap that fits it."""
+    from modules import shared
+
+    captured = []
+    real = ext.OneStepUpscaler.upscale_within_memory
+    monkeypatch.setattr(ext.OneStepUpscaler, "upscale_within_memory",
+                        lambda self, images, options, *a: captured.append(options) or real(self, images, options, *a))
+    models = ext.list_models()
+    ext.upscale_image(photo(), models["osediff"], "tiny-sd2", scale=2)
+    ext.upscale_image(photo(), models["osediff"], "tiny-sd2", scale=2, tile_size=0)
+    ext.upscale_image(photo(), models["osediff"], "tiny-sd2", scale=2, tile_size=8)
+    monkeypatch.setitem(shared.opts.data, "d3sr_tile_size", 16)
+    ext.upscale_image(photo(), models["osediff"], "tiny-sd2", scale=2)
+    assert [(o.tile_size, o.tile_overlap) for o in captured] == [(96, 32), (0, 32), (8, 2), (16, 5)]
+
+
+def test_missing_core_is_one_sentence(tmp_path):
+    """With --skip-install the core is absent: the script's import says why, in one sentence, with the fix."""
+    import subprocess
+
+    code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'd3sr_core':
+            raise ModuleNotFoundError("No module named 'd3sr_core'", name='d3sr_core')
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, {str(STUB)!r})
+import runpy
+try:
+    runpy.run_path({str(SCRIPTS / 'd3sr.py')!r})
+except ImportError as err:
+    print(err)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    message = result.stdout.strip()
+    assert message.startswith("D3SR is off: the Python package 'd3sr_core' is missing") and "--skip-install" in message
+    assert message.count(". ") == 0 and "pip install --no-deps -e" in message
+
+
+def load_installer(monkeypatch, state, breaks):
+    """install.py as a module over a simulated webui: ``state`` (distribution -> version) is what is installed,
+    ``breaks(state)`` the imports that fail there; pip is simulated, newest candidate first."""
     import types
 
+    releases = {"peft": ["0.13.2", "0.15.2", "0.17.1"], "diffusers": ["0.30.0", "0.35.2"], "pypng": ["0.20220715.0"]}
     calls = []
-    installed = {"transformers", "safetensors", "tqdm"}  # as a webui has them, pinned
-    launch = types.ModuleType("launch")
-    launch.is_installed = lambda name: name in installed
-    launch.run_pip = lambda command, description: calls.append(command)
-    monkeypatch.setitem(sys.modules, "launch", launch)
-    runpy.run_path(str(ROOT / "a1111_extension" / "install.py"))
-    assert calls == ['install "diffusers>=0.30"', 'install "peft>=0.13"', 'install "pypng"', f'install --no-deps -e "{ROOT}"']
-    assert not any(re.search(r"\b(torch|pillow|numpy)\b", c, re.IGNORECASE) for c in calls)
 
-    calls.clear()
-    installed |= {"diffusers", "peft", "pypng", "d3sr_core"}
-    runpy.run_path(str(ROOT / "a1111_extension" / "install.py"))
-    assert calls == []
+    def run_pip(command, description):
+        calls.append(command)
+        match = re.match(r'install "([\w.-]+)(>=([\w.]+))?(,<([\w.]+))?" -c "(.+)"', command)
+        if match:
+            name, ceiling, constraints = match.group(1), match.group(5), open(match.group(6)).read()
+            assert f"{name}==" not in constraints and "torch==" in constraints  # everything else pinned
+            fits = [v for v in releases[name] if not ceiling or ins.parse_version(v) < ins.parse_version(ceiling)]
+            state[name] = fits[-1]
+        elif command.startswith("install --no-deps") and "==" in command:
+            for name, version in re.findall(r'"([\w.-]+)==([\w.]+)"', command):
+                state[name] = version
+
+    launch = types.ModuleType("launch")
+    launch.is_installed = lambda name: name in state
+    launch.run_pip = run_pip
+    monkeypatch.setitem(sys.modules, "launch", launch)
+    spec = importlib.util.spec_from_file_location("d3sr_installer", ROOT / "a1111_extension" / "install.py")
+    ins = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ins)  # not __main__: nothing runs yet
+    monkeypatch.setattr(ins, "installed_versions", lambda: dict(state))
+    monkeypatch.setattr(ins, "working_imports", lambda statements: set(statements) - breaks(state))
+    monkeypatch.setattr(ins.subprocess, "run", lambda args, **kw: [state.pop(n, None) for n in args[5:]])
+    return ins, calls
+
+
+def test_install_picks_a_peft_the_pinned_accelerate_imports_with_and_changes_nothing_else(monkeypatch):
+    """reForge: peft missing, accelerate pinned old; the newest peft would break diffusers' UNet import."""
+    state = {"torch": "2.3.1", "accelerate": "0.21.0", "diffusers": "0.30.0", "transformers": "4.40.0",
+             "safetensors": "0.4.2", "numpy": "1.26.2", "pillow": "9.5.0", "tqdm": "4.66.1", "pypng": "0.20220715.0"}
+    pinned = {k: v for k, v in state.items()}
+
+    def breaks(s):
+        if "peft" in s and ins.parse_version(s["peft"]) >= (0, 17):
+            return {"peft", "from diffusers import UNet2DConditionModel"}
+        return set()
+
+    ins, calls = load_installer(monkeypatch, state, breaks)
+    ins.main()
+    assert state["peft"] == "0.15.2"  # the newest that imports beside accelerate 0.21
+    assert {k: state[k] for k in pinned} == pinned  # no pinned package moved
+    assert not any(re.search(r"\btorch\b", c) for c in calls if "-c" not in c)
+
+
+def test_install_enforces_the_floors_and_leaves_satisfied_packages_alone(monkeypatch):
+    state = {"torch": "2.3.1", "accelerate": "0.30.0", "diffusers": "0.27.2", "peft": "0.13.2", "transformers": "4.44.0",
+             "safetensors": "0.4.2", "numpy": "1.26.2", "pillow": "10.2.0", "tqdm": "4.66.1", "pypng": "0.20220715.0",
+             "d3sr": "0.1.0"}
+    ins, calls = load_installer(monkeypatch, state, lambda s: set())
+    monkeypatch.setattr(sys.modules["launch"], "is_installed", lambda name: name in state or name == "d3sr_core")
+    ins.main()
+    assert state["diffusers"] == "0.35.2" and len(calls) == 1 and calls[0].startswith('install "diffusers>=0.30"')

@@ -24,7 +24,7 @@ from PIL import Image
 from d3sr_cli.main import main as d3sr
 from d3sr_core.backbones import load_base
 from d3sr_core.checkpoints import convert_checkpoint
-from tiny_models import random_image, write_diffusers_base, write_osediff_pkl
+from tiny_models import random_image, write_diffusers_base, write_osediff_pkl, write_sd3_base, write_tsdsr_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 COMFYUI = os.environ.get("D3SR_COMFYUI_DIR")
@@ -105,12 +105,16 @@ def comfy(tmp_path_factory):
     (base_dir / "custom_nodes" / "d3sr").symlink_to(ROOT, target_is_directory=True)
     models = base_dir / "models"
     write_diffusers_base(models / "diffusers" / "tiny-sd2")
+    write_sd3_base(models / "diffusers" / "tiny-sd3")
     (models / "d3sr").mkdir(parents=True)
     write_osediff_pkl(base_dir / "osediff.pkl")
+    # The example workflows' own model names, as tiny models (SD 2.1-base and SD3-medium stand in as tiny bases).
+    (models / "d3sr" / "osediff.pkl").write_bytes((base_dir / "osediff.pkl").read_bytes())
+    write_tsdsr_dir(models / "d3sr" / "tsdsr")
     embeds = load_base(models / "diffusers" / "tiny-sd2").encode_prompt("")["prompt_embeds"]
     convert_checkpoint(base_dir / "osediff.pkl", models / "d3sr" / "tiny.safetensors", prompt_embeds=embeds)
     (models / "d3sr" / "not_a_model.safetensors").write_bytes(b"this is not a safetensors file")
-    (base_dir / "input").mkdir()
+    (base_dir / "input").mkdir()  # empty but for the next file: the pack places its own sample at start
     pixels = (random_image(40, 56)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Image.fromarray(pixels).save(base_dir / "input" / "low_resolution.png")
     server = Server(base_dir)
@@ -123,6 +127,7 @@ def comfy(tmp_path_factory):
 
 def workflow(model_name: str) -> dict:
     prompt = json.loads((ROOT / "workflows" / "api" / "osediff_upscale.json").read_text())
+    prompt["1"]["inputs"]["image"] = "low_resolution.png"
     prompt["2"]["inputs"].update(model_name=model_name, base_name="diffusers/tiny-sd2", precision="fp32")
     prompt["4"]["inputs"]["filename_prefix"] = model_name.split(".")[0]
     return prompt
@@ -132,7 +137,7 @@ def test_nodes_are_registered(comfy):
     info = comfy.get("/object_info")
     for node in ("D3SRModelLoader", "D3SRUpscale", "D3SRColorFix"):
         assert node in info, f"{node} missing; log:\n" + (comfy.base_dir / "comfyui.log").read_text()[-3000:]
-    assert sorted(comfy.get("/workflow_templates")["d3sr"]) == ["osediff_upscale", "tsdsr_upscale"]
+    assert sorted(comfy.get("/workflow_templates")["d3sr"]) == ["d3sr_small_x4_upscale", "osediff_upscale", "tsdsr_upscale"]
     required = info["D3SRModelLoader"]["input"]["required"]
     assert "tiny.safetensors" in combo_options(required["model_name"])
     assert "diffusers/tiny-sd2" in combo_options(required["base_name"])
@@ -157,13 +162,55 @@ def test_workflow_output_equals_the_command_line(comfy, tmp_path):
     assert np.abs(produced.astype(int) - expected.astype(int)).max() <= 1
 
 
-def test_bad_model_is_a_node_error_and_the_server_lives_on(comfy):
-    result = comfy.run(workflow("not_a_model.safetensors"))
-    assert result["status"]["status_str"] == "error"
-    messages = json.dumps(result["status"]["messages"])
-    assert "not_a_model.safetensors is not a readable .safetensors file" in messages
+def test_bad_model_is_refused_in_one_sentence_and_the_server_lives_on(comfy):
+    """A file that does not read is not listed; a workflow that still names it is refused at validation, saying why."""
+    status, answer = comfy.post("/prompt", {"prompt": workflow("not_a_model.safetensors"), "client_id": str(uuid.uuid4())})
+    assert status == 400
+    assert "not_a_model.safetensors is not a readable .safetensors file" in json.dumps(answer)
     assert comfy.get("/system_stats")["system"]["comfyui_version"]
     assert comfy.run(workflow("tiny.safetensors"))["status"]["status_str"] == "success"
+
+
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+"""Node types the frontend draws itself (text notes); the server never sees them."""
+TINY_BASES = {"v2-1_512-ema-pruned.safetensors": "diffusers/tiny-sd2",
+              "diffusers/stable-diffusion-3-medium-diffusers": "diffusers/tiny-sd3"}
+"""The real bases the examples name (5 GB and more) -> the tiny bases that stand in for them here."""
+
+
+@pytest.mark.parametrize("name", ["d3sr_small_x4_upscale", "osediff_upscale", "tsdsr_upscale"])
+def test_every_example_workflow_runs(comfy, name):
+    """The API copy of each example, as shipped: its image is the sample the pack placed in input/ at start, its
+    models have the names it gives; only the real SD bases are replaced by tiny ones. The first example (the
+    bundled model) runs with no change at all."""
+    prompt = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    loader = prompt["2"]["inputs"]
+    loader["base_name"] = TINY_BASES.get(loader["base_name"], loader["base_name"])
+    if name == "d3sr_small_x4_upscale":
+        assert prompt == json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    result = comfy.run(prompt, timeout=600)
+    assert result["status"]["status_str"] == "success", json.dumps(result["status"]["messages"])[-3000:]
+    saved = result["outputs"]["4"]["images"][0]
+    produced = Image.open(comfy.base_dir / "output" / saved["subfolder"] / saved["filename"])
+    sample = Image.open(ROOT / "samples" / "chelsea_lr.png")
+    assert produced.size == (4 * sample.width, 4 * sample.height)
+
+
+def test_example_workflows_name_their_models_for_the_frontend(comfy):
+    """properties.models (what the frontend's Missing Models dialog reads) names a widget value of its node, a model
+    folder the server has, and an https address; the UI and API copies hold the same values."""
+    folders = set(comfy.get("/models"))
+    for path in sorted((ROOT / "workflows").glob("*.json")):
+        graph = json.loads(path.read_text())
+        api = json.loads((ROOT / "workflows" / "api" / path.name).read_text())
+        loader = next(n for n in graph["nodes"] if n["type"] == "D3SRModelLoader")
+        assert loader["widgets_values"][:2] == [api["2"]["inputs"]["model_name"], api["2"]["inputs"]["base_name"]]
+        assert next(n for n in graph["nodes"] if n["type"] == "LoadImage")["widgets_values"][0] == api["1"]["inputs"]["image"]
+        for model in loader["properties"].get("models", []):
+            assert model["name"] in loader["widgets_values"] or model["name"].rsplit("/", 1)[0] + "/transformer.safetensors" in loader["widgets_values"], (path.name, model)
+            assert model["directory"] in folders and model["url"].startswith("https://"), (path.name, model)
+        if path.stem == "d3sr_small_x4_upscale":
+            assert not loader["properties"].get("models") and loader["widgets_values"][0].startswith("bundled/")
 
 
 def test_example_workflows_are_consistent(comfy):
@@ -177,6 +224,8 @@ def test_example_workflows_are_consistent(comfy):
         for link in graph["links"]:
             assert link[1] in ids and link[3] in ids, (path.name, link)
         for node in graph["nodes"]:
+            if node["type"] in FRONTEND_ONLY:
+                continue
             assert node["type"] in info, (path.name, node["type"])
             spec = info[node["type"]]["input"]
             widget_inputs = [

@@ -10,6 +10,7 @@ import binascii
 import io
 import logging
 import os
+import sys
 
 import gradio as gr
 from fastapi import HTTPException
@@ -21,12 +22,22 @@ from modules.call_queue import queue_lock
 from modules.ui_components import InputAccordion
 from modules.upscaler import Upscaler, UpscalerData
 
-from d3sr_core.checkpoints import embeds_base, listable_models, peek
-from d3sr_core.color import COLOR_FIXES
-from d3sr_core.image_io import from_pil, to_pil
-from d3sr_core.loading import ModelCache, bundled_models
-from d3sr_core.options import DEFAULT_MAX_OUTPUT_PIXELS, DEFAULT_MAX_SCALE, UpscaleOptions, vae_tile_sizes
-from d3sr_core.pipeline import Upscaler as OneStepUpscaler, processing_size
+try:
+    from d3sr_core.checkpoints import embeds_base, listable_models, peek
+    from d3sr_core.color import COLOR_FIXES
+    from d3sr_core.host_options import DEFAULT, host_options, with_tile_store
+    from d3sr_core.image_io import from_pil, to_pil
+    from d3sr_core.loading import ModelCache, bundled_models
+    from d3sr_core.memory import free_memory, released_after_run
+    from d3sr_core.options import DEFAULT_MAX_OUTPUT_PIXELS, DEFAULT_MAX_SCALE, UpscaleOptions
+    from d3sr_core.pipeline import Upscaler as OneStepUpscaler, processing_size
+except ImportError as _missing:
+    _repository = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+    raise ImportError(
+        f"D3SR is off: the Python package {getattr(_missing, 'name', None) or 'd3sr_core'!r} is missing from the webui's "
+        f"Python because install.py did not run (--skip-install and --skip-prepare-environment skip it); start the webui "
+        f"once without those flags, or run: {sys.executable} -m pip install --no-deps -e {_repository}"
+    ) from None
 
 MODEL_SUFFIXES = (".safetensors", ".pkl", ".pt", ".pth")
 METHOD_DEFAULT = "method default"
@@ -106,27 +117,30 @@ def limits() -> dict[str, int]:
             "max_output_pixels": int(float(megapixels) * 2**20)}
 
 
-def upscale_image(image: Image.Image, model_path: str, base: str = FROM_SETTINGS, *, scale=None, tile_size=0,
-                  tile_overlap=-1, color_fix=METHOD_DEFAULT, seed=0) -> Image.Image:
+def upscale_image(image: Image.Image, model_path: str, base: str = FROM_SETTINGS, *, scale=None, tile_size=DEFAULT,
+                  tile_overlap=DEFAULT, color_fix=METHOD_DEFAULT, seed=0) -> Image.Image:
     """``image`` upscaled by the one-step model at ``model_path``; the input itself if the user interrupts.
-    Options and the size limits are checked before the model loads and before anything is allocated."""
+    Options and the size limits are checked before the model loads and before anything is allocated. Tile values
+    as in every host (d3sr_core.host_options): -1 the setting (whose -1 is the model's default), 0 off, else a size.
+    The VAE tile store follows the free memory; memory is handed back after an interrupt or an error."""
+    setting = lambda key: int(shared.opts.data.get(key, DEFAULT))  # noqa: E731
     request = dict(
+        tile_size=setting("d3sr_tile_size") if tile_size == DEFAULT else int(tile_size),
+        tile_overlap=int(tile_overlap),
+        vae_tile_size=setting("d3sr_vae_tile_size"),
         scale=scale,
-        tile_size=tile_size or shared.opts.data.get("d3sr_tile_size") or None,
-        tile_overlap=None if tile_overlap < 0 else tile_overlap,
         color_fix=None if color_fix == METHOD_DEFAULT else color_fix,
         seed=int(seed),
         **limits(),
     )
     header_scale = peek(model_path)[1]
-    processing_size(image.height, image.width, UpscaleOptions(scale=header_scale).updated(**request))
+    processing_size(image.height, image.width, host_options(UpscaleOptions(scale=header_scale), **request))
     loaded = CACHE.get(model_path, base_for(model_path, base))
-    options = loaded.defaults.updated(
-        **request, **vae_tile_sizes(shared.opts.data.get("d3sr_vae_tile_size") or None, loaded.generator.vae_scale_factor)
-    )
+    options = host_options(loaded.defaults, loaded.generator.vae_scale_factor, **request)
     processing_size(image.height, image.width, options)  # the model's own defaults (min_process_side) too
     device = devices.get_device_for("d3sr")
     pixels = from_pil(image).pixels[None]
+    options = with_tile_store(options, loaded.generator.vae, *pixels.shape[-2:], free_memory(device))
 
     def progress(done, total):
         if shared.state.interrupted or shared.state.skipped:
@@ -134,8 +148,9 @@ def upscale_image(image: Image.Image, model_path: str, base: str = FROM_SETTINGS
         shared.state.sampling_steps, shared.state.sampling_step = total, done
 
     try:
-        upscaler = OneStepUpscaler(loaded.generator, device=device, dtype=dtype_name(device))
-        return to_pil(upscaler.upscale_within_memory(pixels, options, progress, devices.torch_gc)[0])
+        with released_after_run():
+            upscaler = OneStepUpscaler(loaded.generator, device=device, dtype=dtype_name(device))
+            return to_pil(upscaler.upscale_within_memory(pixels, options, progress, devices.torch_gc)[0])
     except Interrupted:
         return image
     finally:
@@ -177,13 +192,13 @@ class D3SRPostprocessing(scripts_postprocessing.ScriptPostprocessing):
                 base = gr.Dropdown(label="Base model", choices=[FROM_SETTINGS, *list_bases()], value=FROM_SETTINGS)
             with gr.Row():
                 scale = gr.Slider(minimum=1, maximum=8, step=1, value=4, label="Scale")
-                tile_size = gr.Slider(minimum=0, maximum=512, step=8, value=0, label="Latent tile (0: method default)")
+                tile_size = gr.Slider(minimum=-1, maximum=512, step=1, value=DEFAULT, label="Latent tile (-1: the setting, 0: off)")
                 color_fix = gr.Dropdown(label="Colour fix", choices=[METHOD_DEFAULT, *COLOR_FIXES], value=METHOD_DEFAULT)
                 seed = gr.Number(label="Seed", value=0, precision=0)
         return {"enable": enable, "model": model, "base": base, "scale": scale, "tile_size": tile_size,
                 "color_fix": color_fix, "seed": seed}
 
-    def process(self, pp, enable=False, model=None, base=FROM_SETTINGS, scale=4, tile_size=0, color_fix=METHOD_DEFAULT, seed=0):
+    def process(self, pp, enable=False, model=None, base=FROM_SETTINGS, scale=4, tile_size=DEFAULT, color_fix=METHOD_DEFAULT, seed=0):
         if not enable or not model:
             return
         models = list_models()
@@ -202,13 +217,14 @@ def on_ui_settings():
     options = {
         "d3sr_base_sd2": shared.OptionInfo("", "SD 2.x base (OSEDiff, D3SR): a file in models/Stable-diffusion, a folder in models/diffusers, or a path", section=section),
         "d3sr_base_sd3": shared.OptionInfo("", "SD3-medium base (TSD-SR): a folder in models/diffusers, or a path", section=section),
-        "d3sr_tile_size": shared.OptionInfo(0, "Latent tile size (0: the method's default)", gr.Slider, {"minimum": 0, "maximum": 512, "step": 8}, section=section),
-        "d3sr_vae_tile_size": shared.OptionInfo(0, "VAE tile size in pixels (0: the method's default)", gr.Slider, {"minimum": 0, "maximum": 4096, "step": 64}, section=section),
+        "d3sr_tile_size": shared.OptionInfo(DEFAULT, "Latent tile size (-1: the model's default, 0: off)", gr.Slider, {"minimum": -1, "maximum": 512, "step": 1}, section=section),
+        "d3sr_vae_tile_size": shared.OptionInfo(DEFAULT, "VAE tile size in pixels, a multiple of 8 (-1: the model's default, 0: off)", gr.Slider, {"minimum": -1, "maximum": 4096, "step": 1}, section=section),
         "d3sr_keep_loaded": shared.OptionInfo(True, "Keep the last model in memory between images", section=section),
         "d3sr_max_scale": shared.OptionInfo(DEFAULT_MAX_SCALE, "Largest scale accepted (requests above it are refused)", gr.Number, {"precision": 0}, section=section),
         "d3sr_max_output_megapixels": shared.OptionInfo(DEFAULT_MAX_OUTPUT_PIXELS / 2**20, "Most output megapixels accepted (larger requests are refused before anything is allocated)", gr.Number, section=section),
     }
     for key, info in options.items():
+        info.category_id = "postprocessing"  # A1111 1.7+ and Forge group sections by category; none is "Uncategorized"
         shared.opts.add_option(key, info)
 
 
@@ -217,8 +233,8 @@ class UpscaleRequest(BaseModel):
     model: str
     base: str = FROM_SETTINGS
     scale: int = 4
-    tile_size: int = 0
-    tile_overlap: int = -1
+    tile_size: int = DEFAULT
+    tile_overlap: int = DEFAULT
     color_fix: str = METHOD_DEFAULT
     seed: int = 0
 
@@ -242,13 +258,16 @@ def api_upscale(request: UpscaleRequest) -> UpscaleResponse:
         image = ImageOps.exif_transpose(image)  # as the command line reads files
     except Image.DecompressionBombError as err:
         raise HTTPException(status_code=422, detail=f"image has too many pixels to decode safely ({err}).") from None
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise HTTPException(status_code=422, detail=f"image is not a base64-encoded image file ({err}).") from None
+    except (binascii.Error, ValueError):
+        raise HTTPException(status_code=422, detail="image is not valid base64 (a data: URL prefix is allowed).") from None
+    except (UnidentifiedImageError, OSError, SyntaxError):  # PIL's own text shows its BytesIO object's repr
+        raise HTTPException(status_code=422, detail="image is base64 but not an image file the webui can read (PNG, JPEG, WebP, ...).") from None
     if image.width == 0 or image.height == 0:
         raise HTTPException(status_code=422, detail=f"image has no pixels ({image.width}x{image.height}).")
     # Like the webui's own routes: one job at a time, and a fresh job state (begin() clears an old interrupt).
     with queue_lock:
         shared.state.begin(job="d3sr")
+        shared.state.job_count, shared.state.job_no = 1, 0  # begin() leaves -1, and /sdapi/v1/progress divides by it
         try:
             result = upscale_image(image, models[request.model], request.base, scale=request.scale,
                                    tile_size=request.tile_size, tile_overlap=request.tile_overlap,
@@ -268,7 +287,39 @@ def api_upscale(request: UpscaleRequest) -> UpscaleResponse:
 
 def on_app_started(_demo, app):
     app.add_api_route("/d3sr/v1/upscale", api_upscale, methods=["POST"], response_model=UpscaleResponse)
+    ensure_listed()
 
 
+def ensure_listed() -> None:
+    """Put the D3SR upscalers in ``shared.sd_upscalers`` if the webui's list left them out. A1111 1.10 and Forge build
+    the list from every ``Upscaler`` subclass, so they are there already; reForge's main branch builds it from a fixed
+    list of its own classes (``modules/modelloader.py: load_upscalers``), so Extras, Hires fix and
+    /sdapi/v1/upscalers would not know them (extra-single-image answered 500)."""
+    upscalers = getattr(shared, "sd_upscalers", None)
+    if upscalers is None or any(isinstance(u.scaler, UpscalerD3SR) for u in upscalers):
+        return
+    upscalers.extend(UpscalerD3SR(getattr(shared.cmd_opts, "d3sr_models_path", None)).scalers)
+
+
+def _wrap_load_upscalers() -> None:
+    """After every run of the webui's ``load_upscalers`` (at start and on Reload UI), :func:`ensure_listed`."""
+    try:
+        from modules import modelloader
+    except ImportError:
+        return
+    original = modelloader.load_upscalers
+    if getattr(original, "d3sr_wrapped", False):
+        return
+
+    def load_upscalers(*args, **kwargs):
+        result = original(*args, **kwargs)
+        ensure_listed()
+        return result
+
+    load_upscalers.d3sr_wrapped = True
+    modelloader.load_upscalers = load_upscalers
+
+
+_wrap_load_upscalers()
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_app_started(on_app_started)

@@ -11,14 +11,25 @@ class State:
     def __init__(self):
         self.interrupted = self.skipped = False
         self.sampling_steps = self.sampling_step = 0
+        self.job_count, self.job_no = 0, 0
         self.job = ""
         self.jobs = []
 
     def begin(self, job="(unknown)"):
         self.interrupted = self.skipped = False
         self.sampling_steps = self.sampling_step = 0
+        self.job_count, self.job_no = -1, 0  # as A1111 1.10's State.begin
         self.job = job
         self.jobs.append(job)
+
+    def progress(self):
+        """What A1111 1.10's /sdapi/v1/progress reports (modules/api/api.py, progressapi)."""
+        progress = 0.01
+        if self.job_count > 0:
+            progress += self.job_no / self.job_count
+        if self.sampling_steps > 0 and self.job_count != 0:
+            progress += 1 / self.job_count * self.sampling_step / self.sampling_steps
+        return min(progress, 1)
 
     def end(self):
         self.job = ""
@@ -56,3 +67,7 @@ class Options:
 
 
 opts = Options()
+
+
+sd_upscalers = []
+"""The webui's upscaler list, as modules.modelloader.load_upscalers fills it."""
