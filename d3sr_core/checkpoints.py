@@ -340,7 +340,8 @@ def parse_metadata(path: Path, meta: dict[str, str]) -> dict:
             ) from None
     if parsed["format_version"] > FORMAT_VERSION:
         raise ModelFileError(
-            f"{path} uses checkpoint format version {parsed['format_version']}, newer than the {FORMAT_VERSION} this d3sr reads; update d3sr."
+            f"{path} has the metadata field 'format_version' = {parsed['format_version']}, newer than the "
+            f"{FORMAT_VERSION} this d3sr reads; update d3sr."
         )
     try:
         parsed["defaults"] = UpscaleOptions.from_json({**parsed.get("defaults", {}), "scale": parsed["scale"]})
