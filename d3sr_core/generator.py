@@ -79,8 +79,10 @@ def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_next: torch.Tensor)
 
 
 def vae_scale_factor(vae: torch.nn.Module) -> int:
-    """How many image pixels one latent pixel spans: 2 per down block after the first (8 for SD's VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """How many image pixels one latent pixel spans: 2 per down block after the first (8 for SD's VAE), or the
+    patch size of a ``PatchAutoencoder``."""
+    patch_size = getattr(vae.config, "patch_size", None)
+    return int(patch_size) if patch_size else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _tick(progress: Callable[[], None] | None) -> None:
@@ -144,7 +146,8 @@ class OneStepGenerator(torch.nn.Module):
 
     @property
     def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+        first = next(self.vae.parameters(), None)
+        return torch.float32 if first is None else first.dtype  # a weightless autoencoder works in float32
 
     def encode_moments(self, image: torch.Tensor) -> torch.Tensor:
         """VAE posterior moments ``(B, 2*C, H/f, W/f)`` (f = ``vae_scale_factor``, 8 for SD) (mean and log-variance) of ``image`` ``(B, 3, H, W)`` in [-1, 1]."""
@@ -156,8 +159,10 @@ class OneStepGenerator(torch.nn.Module):
     def _vae_tiles(self, half: str, height: int, width: int, tile_size: int | None) -> int:
         """How many tiles the ``half`` (``"encoder"``: image pixels, ``"decoder"``: latent pixels) cuts an
         ``height x width`` input into; 1 means it runs untiled."""
+        if not tile_size or getattr(self.vae, "pointwise", False):  # pointwise: tiles would change nothing
+            return 1
         padding = ENCODER_TILE_PADDING if half == "encoder" else DECODER_TILE_PADDING
-        return count_vae_tiles(height, width, tile_size, padding) if tile_size else 1
+        return count_vae_tiles(height, width, tile_size, padding)
 
     def vae_progress_steps(self, half: str, height: int, width: int, tile_size: int | None) -> int:
         """How often :meth:`encode` (``half="encoder"``) or :meth:`decode` (``"decoder"``) calls ``progress``."""

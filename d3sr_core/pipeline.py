@@ -118,8 +118,8 @@ class Upscaler:
         self.winograd = winograd
         self.generator = generator
         for module, dtype in ((generator.denoiser, denoiser_dtype), (generator.vae, vae_dtype)):
-            first = next(module.parameters())
-            if first.device != self.device or first.dtype != dtype:
+            first = next(module.parameters(), None)  # None: a weightless autoencoder (PatchAutoencoder)
+            if first is not None and (first.device != self.device or first.dtype != dtype):
                 module.to(device=self.device, dtype=dtype)
 
     def count_steps(self, height: int, width: int, options: UpscaleOptions) -> int:

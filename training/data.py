@@ -96,6 +96,8 @@ class SRPairDataset(Dataset):
     With ``latent_dir`` (``python -m training.latents``) the HR crop's precomputed VAE latent comes too, as
     ``"gt_latent"`` ``(C, crop / f, crop / f)``, cut from the whole image's latent on the latent grid.
     With ``make_lq=False`` only ``"gt"`` is returned (methods that train on HR images alone).
+    ``clean_prob``: the fraction of unpaired samples whose LQ image is the plain bicubic downscale (antialiased)
+    instead of a degraded one; ``"degraded"`` (a bool scalar) says which a sample got (paired LQ counts as degraded).
     Indexed by sample ids from :class:`StreamSampler`.
     """
 
@@ -113,6 +115,7 @@ class SRPairDataset(Dataset):
         cache_images: bool = False,
         latent_dir: str | os.PathLike | None = None,
         skip_bad_images: bool = False,
+        clean_prob: float = 0.0,
     ):
         hr_dir = Path(hr_dir)
         if not hr_dir.is_dir():
@@ -139,6 +142,9 @@ class SRPairDataset(Dataset):
             self.latent_files, self.latent_factor = _latent_files(Path(latent_dir), self.hr_files)
             if crop_size % (self.latent_factor * scale):
                 raise ValueError(f"data.crop_size {crop_size} must be a multiple of {self.latent_factor * scale} with latents.")
+        if not 0.0 <= clean_prob <= 1.0:
+            raise ValueError(f"data.clean_prob {clean_prob!r} is not a probability between 0 and 1.")
+        self.clean_prob = clean_prob
         self.degradation = degradation or DegradationConfig(scale=scale)
         if self.degradation.scale != scale:
             raise ValueError(f"data.degradation.scale {self.degradation.scale} differs from data.scale {scale}.")
@@ -188,12 +194,22 @@ class SRPairDataset(Dataset):
             sample["gt_latent"] = (latent.flip(-1) if flipped else latent).contiguous()
         if not self.make_lq:
             return sample
+        degraded = True
         if lr is None:
-            lq = real_esrgan_degrade(gt, self.degradation, rng)
+            # Drawn whatever clean_prob is, so the degradations of a run do not depend on it.
+            degraded = bool(torch.rand((), generator=rng) >= self.clean_prob)
+            lq = real_esrgan_degrade(gt, self.degradation, rng) if degraded else clean_downscale(gt, s)
         else:
             lq = lr[:, top // s:(top + crop) // s, left // s:(left + crop) // s]
             lq = lq.flip(-1) if flipped else lq
-        return {**sample, "lq": lq.contiguous() * 2 - 1}
+        return {**sample, "lq": lq.contiguous() * 2 - 1, "degraded": torch.tensor(degraded)}
+
+
+def clean_downscale(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """``(3, H, W)`` in [0, 1] -> ``(3, H / scale, W / scale)`` by antialiased bicubic (close to PIL's bicubic
+    downscale, the clean benchmark protocol), clamped and rounded to 8-bit steps as a saved LQ image would be."""
+    small = F.interpolate(hr[None], scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False)[0]
+    return (small.clamp(0, 1) * 255).round() / 255
 
 
 def _latent_files(latent_dir: Path, hr_files: list[Path]) -> tuple[list[Path], int]:

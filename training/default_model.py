@@ -1,54 +1,98 @@
-"""Reproduce the bundled default model with the trainer alone, in three runs of committed configs:
+"""Reproduce the bundled default model with the trainer alone, in two runs of committed configs:
 
-1. ``presets/default_vae.yaml`` (method ``autoencoder``): a small SD 2.x-shaped base, its VAE trained;
-2. ``presets/default_prior.yaml`` (method ``diffusion``): its UNet trained as a latent diffusion prior;
-3. ``presets/default_sr.yaml`` (method ``d3sr``): the one-step SR generator on that prior, with the prior as
-   the discriminator's backbone, exported self-contained.
+1. ``presets/default_prior.yaml`` (method ``diffusion``): a small SD 2.x-shaped base on a lossless patch
+   autoencoder, its UNet trained as a diffusion prior;
+2. ``presets/default_sr.yaml`` (method ``d3sr``): the one-step SR generator on that prior, with the prior as
+   the discriminator's backbone, exported self-contained at every checkpoint;
 
-``python -m training.default_model --photos DIR --output-dir runs/default [--install]``; ``DIR`` is the training
-folder ``python -m training.photos`` writes. A stage whose result exists is skipped and one with checkpoints is
-resumed, so an interrupted reproduction continues where it stopped. ``--install`` copies the result over the
-bundled model.
+then the SR checkpoint that scores best on the **validation** photos (:func:`training.evaluation.selection_key`)
+is the result; the held-out photos are never looked at here.
+
+``python -m training.default_model --photos DIR --output-dir runs/default [--install]``; ``DIR`` is the folder
+``python -m training.photos`` writes (``train/`` trains, ``validation/`` selects). A stage whose result exists is
+skipped and one with checkpoints is resumed, so an interrupted reproduction continues where it stopped.
+``--install`` copies the result over the bundled model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+import torch
+
 from d3sr_core.files import atomic_output
-from d3sr_core.loading import DEFAULT_MODEL
+from d3sr_core.loading import DEFAULT_MODEL, load_model
+from d3sr_core.metrics import make_metric
+from d3sr_core.pipeline import Upscaler
 
 from .config import load_config, method_named_in
+from .evaluation import available_metrics, bicubic_upscaler, run_upscaler, score_outputs, selection_key
 from .methods import METHODS
 from .trainer import Trainer, complete_checkpoints
 
-STAGES = (("vae", "default_vae", "base"), ("prior", "default_prior", "base"), ("sr", "default_sr", "model.safetensors"))
+STAGES = (("prior", "default_prior", "base"), ("sr", "default_sr", "model.safetensors"))
 """(output subfolder, preset, what the stage leaves in its subfolder)."""
+SELECTION_FILE = "selection.json"
 
 
-def reproduce(photos: Path, output_dir: Path, overrides: list[str] = ()) -> Path:
-    """Run the stages that have not finished; returns the final model's path."""
+def train_stages(train_dir: Path, output_dir: Path, overrides: list[str] = ()) -> Path:
+    """Run the stages that have not finished; returns the SR run's folder."""
     previous = None
     for folder, preset, result in STAGES:
         out = output_dir / folder
         if not (out / result).exists():
             method = method_named_in(preset=preset)
-            layers = [f"data.hr_dir={photos}", *([f"model.base={previous}"] if previous else []), *overrides]
+            layers = [f"data.hr_dir={train_dir}", *([f"model.base={previous}"] if previous else []), *overrides]
             config = load_config(preset=preset, overrides=layers, method_defaults=METHODS[method].defaults, other_sections=tuple(METHODS))
             resume = out.is_dir() and bool(complete_checkpoints(out))
             if Trainer(config, out, resume=resume).train() != "finished":
                 raise SystemExit(f"stage {folder} was stopped; run the same command again to resume it.")
         previous = out / result
-    return previous
+    return output_dir / STAGES[-1][0]
+
+
+def select_on_validation(run_dir: Path, validation_dir: Path) -> tuple[Path, dict]:
+    """Score the model of every kept checkpoint of ``run_dir`` on ``validation_dir`` (both kinds of input) and
+    return the best one's path (:func:`selection_key`) with the scores, which are also written to
+    ``run_dir/selection.json``."""
+    metrics = available_metrics()
+    scorers = {m: make_metric(m, torch.device("cpu")) for m in metrics}
+    candidates = [(step, folder / "model.safetensors") for step, folder in complete_checkpoints(run_dir)]
+    if not candidates:
+        raise ValueError(f"{run_dir} holds no complete checkpoint to select from.")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_upscaler(bicubic_upscaler(), validation_dir, Path(tmp) / "bicubic")
+        bicubic = score_outputs(Path(tmp) / "bicubic", validation_dir, metrics, scorers)
+        scores = {}
+        for step, path in candidates:
+            loaded = load_model(path)
+            upscaler = Upscaler(loaded.generator)
+            out = Path(tmp) / f"step-{step}"
+            run_upscaler(lambda lq: upscaler.upscale(lq[None], loaded.defaults)[0], validation_dir, out)
+            scores[step] = score_outputs(out, validation_dir, metrics, scorers)
+    best = min(scores, key=lambda s: selection_key(scores[s], bicubic))
+    report = {"bicubic": bicubic, "checkpoints": {str(s): v for s, v in scores.items()}, "selected_step": best}
+    with atomic_output(run_dir / SELECTION_FILE) as tmp_file:
+        tmp_file.write_text(json.dumps(report, indent=1) + "\n")
+    return dict(candidates)[best], report
+
+
+def reproduce(photos: Path, output_dir: Path, overrides: list[str] = ()) -> Path:
+    """Train what is missing, then select on ``photos/validation``; returns the selected model's path."""
+    run_dir = train_stages(photos / "train", output_dir, overrides)
+    model, _ = select_on_validation(run_dir, photos / "validation")
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.default_model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--photos", required=True, help="folder of training photos (python -m training.photos DEST -> DEST/train)")
-    parser.add_argument("--output-dir", required=True, help="the three runs go into vae/, prior/ and sr/ here")
+    parser.add_argument("--photos", required=True, help="the folder python -m training.photos wrote (train/, validation/)")
+    parser.add_argument("--output-dir", required=True, help="the two runs go into prior/ and sr/ here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every stage")
     parser.add_argument("--install", action="store_true", help=f"copy the result to {DEFAULT_MODEL}")
     args = parser.parse_args(argv)

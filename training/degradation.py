@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -405,3 +406,45 @@ def real_esrgan_degrade(hr: torch.Tensor, config: DegradationConfig, generator: 
     else:
         x = resize_back_and_sinc(_random_jpeg(x, g, c.jpeg_range2))
     return (x * 255.0).round().clamp(0, 255) / 255.0
+
+
+# ----------------------------------------------------------------------------- evaluation inputs
+
+
+def bicubic_downscale(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """The clean LQ image: ``(3, H, W)`` in [0, 1] -> ``(3, H // scale, W // scale)`` by PIL's bicubic filter on the
+    8-bit image (the usual SR benchmark protocol, "clean" inputs), returned in [0, 1] on 1/255 steps."""
+    from PIL import Image
+
+    _, h, w = hr.shape
+    planes = []
+    for plane in (hr.float().clamp(0, 1) * 255).round().to(torch.uint8).numpy():
+        small = Image.fromarray(plane).resize((w // scale, h // scale), Image.BICUBIC)
+        planes.append(torch.from_numpy(np.asarray(small, dtype=np.float32).copy()))
+    return torch.stack(planes) / 255
+
+
+EVALUATION_BLUR_SIGMA = 1.2
+EVALUATION_NOISE_SIGMA = 3.0
+EVALUATION_JPEG_QUALITY = 70
+
+
+def evaluation_degradation(hr: torch.Tensor, scale: int, seed: int) -> torch.Tensor:
+    """The fixed, simple degradation of the default model's "degraded" evaluation inputs (not the training model):
+    Gaussian blur sigma 1.2 (kernel 9, reflect padding), PIL bicubic /``scale`` on 8 bits, Gaussian noise sigma 3
+    (of 255, seeded by ``seed``), rounding to 8 bits, JPEG quality 70 by PIL (4:2:0). ``(3, H, W)`` in [0, 1] ->
+    ``(3, H // scale, W // scale)`` in [0, 1]."""
+    import io
+
+    from PIL import Image
+
+    x, y = _offsets(9)
+    kernel = torch.exp(-(x * x + y * y) / (2 * EVALUATION_BLUR_SIGMA**2))
+    blurred = blur(hr.float(), (kernel / kernel.sum()).float())
+    small = bicubic_downscale(blurred, scale)
+    noise = torch.randn(small.shape, generator=torch.Generator().manual_seed(seed)) * (EVALUATION_NOISE_SIGMA / 255)
+    noisy = ((small + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noisy.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=EVALUATION_JPEG_QUALITY)
+    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(decoded.copy()).permute(2, 0, 1) / 255

@@ -11,13 +11,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from safetensors.torch import save_file
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from d3sr_core.backbones import BaseModel, load_base
 from d3sr_core.backbones.base import FAMILIES
+from d3sr_core.backbones.patch_autoencoder import autoencoder_from_config
 from d3sr_core.backbones.sd2 import sd2_base
 from d3sr_core.backbones.sd3 import sd3_base
 from d3sr_core.checkpoints import (
@@ -109,7 +110,7 @@ def _base_from_configs(configs: dict) -> BaseModel:
     """A base of random weights from ``{unet | transformer, vae, scheduler}`` configs."""
     if ("unet" in configs) == ("transformer" in configs):
         raise ValueError("model.base_configs needs exactly one of unet (SD 2.x-shaped) and transformer (SD3-shaped).")
-    vae = AutoencoderKL.from_config(configs["vae"])
+    vae = autoencoder_from_config(configs["vae"])
     source = Path("model.base_configs")
     if "transformer" in configs:
         return sd3_base(SD3Transformer2DModel.from_config(configs["transformer"]), vae, dict(configs["scheduler"]), source)

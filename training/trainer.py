@@ -38,6 +38,7 @@ from d3sr_core.files import FolderLock, FolderLockedError, atomic_output, sweep_
 
 from .config import resume_changes
 from .data import SRPairDataset, StreamPosition, build_dataloader
+from .teachers import Teacher
 from .degradation import DegradationConfig
 from .methods import METHODS, Prepared, TrainingMethod
 from .methods.base import frozen_dtype
@@ -226,6 +227,11 @@ class Trainer:
         # The same seed on every process: every rank builds identical random weights (LoRA, heads, a random base).
         set_seed(int(config["seed"]))
         self.method: TrainingMethod = METHODS[config["method"]](config)
+        self.teacher = None
+        if config["teacher"]["network"] is not None:
+            if not self.method.needs_lq or config["data"]["latent_dir"] is not None:
+                raise TrainingError("a teacher makes targets from LQ images: it needs a method that trains on LQ inputs and no data.latent_dir.")
+            self.teacher = Teacher(config["teacher"], int(config["data"]["scale"])).to(accelerator.device)
         self._prepare()
         self.ema = None
         if float(train["ema_decay"]) > 0:
@@ -439,6 +445,7 @@ class Trainer:
             cache_images=bool(data["cache_images"]),
             latent_dir=data["latent_dir"],
             skip_bad_images=bool(data["skip_bad_images"]),
+            clean_prob=float(data["clean_prob"]),
         )
         accumulation = int(train["gradient_accumulation_steps"])
         position = StreamPosition(
@@ -468,6 +475,8 @@ class Trainer:
                 sums: dict[str, float] = {}
                 for micro in range(accumulation):
                     batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+                    if self.teacher is not None:
+                        batch = self.teacher.apply(batch)
                     rng = torch.Generator().manual_seed(step_seed(int(self.config["seed"]), step, micro, accelerator.process_index))
                     for key, value in self.method.training_step(batch, step, rng).items():
                         sums[key] = sums.get(key, 0.0) + value / accumulation

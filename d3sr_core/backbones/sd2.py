@@ -5,6 +5,7 @@ Configs for SD 2.1-base ship in ``configs/sd21_base`` so a single-file checkpoin
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from diffusers.loaders.single_file_utils import (
 )
 
 from ..files import ModelFileError, read_state_dict
+from .patch_autoencoder import autoencoder_from_config, is_patch_autoencoder_config
 from .base import (
     BaseModel,
     build_with_weights,
@@ -90,7 +92,7 @@ def _from_diffusers_folder(path: Path, load_text_encoder: bool) -> BaseModel:
             raise ModelFileError(f"{path} is not a diffusers SD 2.x folder: {sub}/config.json is missing.")
     what = "a diffusers SD 2.x folder"
     unet = from_pretrained(UNet2DConditionModel, path, "unet", what)
-    vae = from_pretrained(AutoencoderKL, path, "vae", what)
+    vae = _folder_autoencoder(path, what)
     scheduler_config = folder_scheduler_config(path, SHIPPED_CONFIG_DIR)
     prompt_encoder = None
     if load_text_encoder and (path / "text_encoder" / "config.json").is_file():
@@ -104,6 +106,17 @@ def _from_diffusers_folder(path: Path, load_text_encoder: bool) -> BaseModel:
     return sd2_base(unet, vae, scheduler_config, path, prompt_encoder)
 
 
+def _folder_autoencoder(path: Path, what: str) -> torch.nn.Module:
+    """``vae/`` of a diffusers folder: an ``AutoencoderKL``, or a weightless ``PatchAutoencoder`` (config only)."""
+    try:
+        config = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelFileError(f"{path / 'vae' / 'config.json'} could not be read ({err}); expected {what}.") from None
+    if isinstance(config, dict) and is_patch_autoencoder_config(config):
+        return autoencoder_from_config(config)
+    return from_pretrained(AutoencoderKL, path, "vae", what)
+
+
 def sd2_base_from_embedded(configs: dict, state: dict[str, torch.Tensor], source: Path) -> BaseModel:
     """An SD 2.x-shaped base stored inside a checkpoint: ``configs`` holds the ``unet``, ``vae`` and ``scheduler``
     configs, ``state`` the weights as ``unet.<name>`` / ``vae.<name>`` (diffusers names)."""
@@ -111,7 +124,7 @@ def sd2_base_from_embedded(configs: dict, state: dict[str, torch.Tensor], source
     unet = build_with_weights(
         lambda: UNet2DConditionModel.from_config(configs["unet"]), embedded_part_state(state, "unet"), source, "UNet"
     )
-    vae = build_with_weights(lambda: AutoencoderKL.from_config(configs["vae"]), embedded_part_state(state, "vae"), source, "VAE")
+    vae = build_with_weights(lambda: autoencoder_from_config(configs["vae"]), embedded_part_state(state, "vae"), source, "VAE")
     return sd2_base(unet, vae, configs["scheduler"], source)
 
 

@@ -4,7 +4,9 @@ Generator: SD 2.x UNet with LoRA, one step from the LR latent at ``model.timeste
 ``z_hat = (z_L - sqrt(1 - alpha_bar_T) eps(z_L, T)) / sqrt(alpha_bar_T)``.
 Discriminator: the down and mid blocks of a pretrained diffusion UNet with LoRA and an MLP patch head, fed
 ``F(z, t)`` of real and generated latents at timesteps drawn per sample.
-Generator loss: ``mse_weight * MSE(x_hat, x) + ea_dists_weight * EA-DISTS(x_hat, x) + gan_weight * L_G``.
+Generator loss: ``mse_weight * MSE(x_hat, x) + ea_dists_weight * EA-DISTS(x_hat, x) + gan_weight * L_G``, plus
+our optional ``l1_weight * |x_hat - x|`` and ``lpips_weight * ST-LPIPS-VGG(x_hat, x)`` (a learned perceptual distance
+that needs no ImageNet VGG, for runs where DISTS's weights are not on disk).
 
 The paper leaves most numbers open (no code or weights were released); each is an option below, and the
 defaults are choices, not the authors' values: LoRA rank 16 on OSEDiff's UNet layers, a discriminator on a copy
@@ -23,7 +25,7 @@ from d3sr_core.lora import adapters_disabled
 from d3sr_core.perceptual import DISTS
 
 from .base import OptimizerSpec
-from .one_step import GENERATOR_DEFAULTS, OneStepMethod
+from .one_step import GENERATOR_DEFAULTS, OneStepMethod, shift_tolerant_lpips_vgg
 
 
 class D3SRMethod(OneStepMethod):
@@ -50,6 +52,8 @@ class D3SRMethod(OneStepMethod):
                 "gan_weight": 0.1,
                 "edge_channels": "gray",  # gray (OSDFace) | rgb
                 "edge_weight": 1.0,
+                "l1_weight": 0.0,
+                "lpips_weight": 0.0,  # ST-LPIPS on its VGG (pyiqa + the stlpips-pytorch wheel)
             },
             # DISTS weights: "files" reads vgg16-397923af.pth and the DISTS alpha/beta from perceptual_weights_dir,
             # $TORCH_HOME/hub/checkpoints or pyiqa's cache; "random" uses a random VGG (smoke tests only).
@@ -83,7 +87,8 @@ class D3SRMethod(OneStepMethod):
             head_hidden_layers=int(disc_opts["head_hidden_layers"]),
         )
         self.frozen_denoiser = None  # its blocks now belong to the discriminator
-        self.dists = self.perceptual(DISTS)
+        self.dists = self.perceptual(DISTS) if float(self.loss_opts["ea_dists_weight"]) else None
+        self.lpips = shift_tolerant_lpips_vgg() if float(self.loss_opts["lpips_weight"]) else None
 
     def models(self) -> dict[str, torch.nn.Module]:
         return {"generator": self.generator, "discriminator": self.discriminator}
@@ -97,7 +102,9 @@ class D3SRMethod(OneStepMethod):
 
     def bind(self, prepared, accelerator, max_grad_norm):
         super().bind(prepared, accelerator, max_grad_norm)
-        self.dists.to(accelerator.device)
+        for network in (self.dists, self.lpips):
+            if network is not None:
+                network.to(accelerator.device)
 
     def _noised(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(F(latents, t), t)`` with ``t`` drawn per sample from the configured distribution."""
@@ -123,16 +130,22 @@ class D3SRMethod(OneStepMethod):
                     z_real = generator_module.generator.encode(gt)
             z_hat, x_hat = g_model(lq_up)
             mse = torch.nn.functional.mse_loss(x_hat, gt)
-            ea = ea_dists(
+            zero = x_hat.new_zeros(())
+            ea = zero if self.dists is None else ea_dists(
                 self.dists, (x_hat + 1) / 2, (gt + 1) / 2,
                 edge_channels=weights["edge_channels"], edge_weight=weights["edge_weight"],
             )
+            l1 = (x_hat - gt).abs().mean()
+            lpips = zero if self.lpips is None else self.lpips((x_hat + 1) / 2, (gt + 1) / 2).mean()
             # The generator's adversarial term goes through the unwrapped discriminator with its weights frozen:
             # its gradient must reach the generator only, and no distributed gradient sync may start for D.
             discriminator.set_trainable(False)
             noised_fake, t_fake = self._noised(z_hat, generator)
             gan_g = gan_generator_loss(discriminator(noised_fake, t_fake, self.contexts(z_hat.shape[0])), kind)
-            loss_g = weights["mse_weight"] * mse + weights["ea_dists_weight"] * ea + weights["gan_weight"] * gan_g
+            loss_g = (
+                weights["mse_weight"] * mse + weights["l1_weight"] * l1 + weights["ea_dists_weight"] * ea
+                + weights["lpips_weight"] * lpips + weights["gan_weight"] * gan_g
+            )
             self.update("generator", loss_g)
             discriminator.set_trainable(True)
 
@@ -143,7 +156,7 @@ class D3SRMethod(OneStepMethod):
             loss_d = gan_discriminator_loss(real_logits, fake_logits, kind)
             self.update("discriminator", loss_d)
         return {
-            "loss_g": loss_g.item(), "mse": mse.item(), "ea_dists": ea.item(), "gan_g": gan_g.item(),
+            "loss_g": loss_g.item(), "mse": mse.item(), "l1": l1.item(), "ea_dists": ea.item(), "lpips": lpips.item(), "gan_g": gan_g.item(),
             "loss_d": loss_d.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item(),
         }
 

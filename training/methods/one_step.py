@@ -4,6 +4,7 @@ the base denoiser that teachers, fake scores and discriminators start from, perc
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,25 @@ from ..generator import TrainableGenerator, TrainingBase, build_training_base, c
 from .base import TrainingMethod, frozen_dtype
 
 PERCEPTUAL_SOURCES = ("files", "random")
+SHIFT_TOLERANT_LPIPS_FILE = "stlpips_pytorch/weights/vST0.0/vgg_shift_tolerant.pth"
+
+
+def shift_tolerant_lpips_vgg() -> torch.nn.Module:
+    """ST-LPIPS on its anti-aliased VGG16 (Ghildyal & Liu 2022), the one learned perceptual network a registry ships
+    whole (the ``stlpips-pytorch`` wheel; reference/offline.md 1), through pyiqa, frozen: ``(x, y)`` ``(B, 3, H, W)``
+    in [0, 1] -> ``(B,)`` distances. The default model is scored with ST-LPIPS on AlexNet, a different network."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("stlpips_pytorch")
+    weights = None
+    if spec is not None and spec.submodule_search_locations:
+        weights = Path(list(spec.submodule_search_locations)[0]).parent / SHIFT_TOLERANT_LPIPS_FILE
+    if weights is None or not weights.is_file() or importlib.util.find_spec("pyiqa") is None:
+        raise ValueError("loss.lpips_network stlpips_vgg needs the pyiqa and stlpips-pytorch packages (pip install -e '.[metrics]').")
+    import pyiqa
+
+    model = pyiqa.create_metric("stlpips-vgg", as_loss=True, pretrained_model_path=str(weights), device="cpu")
+    return model.eval().requires_grad_(False)
 
 GENERATOR_DEFAULTS = {
     "lora_rank": 16,
