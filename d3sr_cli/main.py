@@ -262,7 +262,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         raise CommandError(f"the result for {clobbered[0]} would overwrite it; choose another --output-dir.")
     # Options and the output folder are checked before the model loads, so a typo costs no loading time.
     try:
-        _options_from_args(args, UpscaleOptions(), 8)
+        _options_from_args(args, UpscaleOptions(min_process_side=0), 8)  # the model's own is checked once loaded
     except ValueError as err:
         raise CommandError(f"the options do not fit: {err}") from None
     try:
