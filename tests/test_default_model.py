@@ -15,7 +15,7 @@ from PIL import Image
 
 from d3sr_cli.main import main as d3sr_main
 from d3sr_core.backbones import load_base
-from d3sr_core.checkpoints import load_checkpoint
+from d3sr_core.checkpoints import load_checkpoint, save_checkpoint
 from d3sr_core.backbones.patch_autoencoder import PatchAutoencoder, autoencoder_from_config
 from d3sr_core.generator import vae_scale_factor
 from d3sr_core.image_io import read_image, write_png
@@ -25,7 +25,9 @@ from training.config import load_config
 from training.data import SRPairDataset, clean_downscale
 from training.degradation import bicubic_downscale, evaluation_degradation
 from training.evaluation import KINDS, selection_key
+from training import default_model
 from training.default_model import reproduce
+from training.methods import plain_cnn
 from training.methods import METHODS
 from training.trainer import Trainer
 
@@ -299,3 +301,38 @@ def test_the_bundled_model_is_small_self_contained_and_upscales_the_sample(tmp_p
     assert d3sr_main(["upscale", str(SAMPLE), "-o", str(tmp_path)]) == 0
     lr = read_image(SAMPLE).pixels
     assert read_image(tmp_path / "chelsea_lr.png").pixels.shape == (3, lr.shape[-2] * 4, lr.shape[-1] * 4)
+
+
+def test_the_plain_cnn_yardstick_trains_exports_and_upscales(photo_dir, tmp_path):
+    config = load_config(
+        preset="default_plain_cnn",
+        overrides=[f"data.hr_dir={photo_dir}", "data.num_workers=0", "train.batch_size=2", "train.max_steps=3",
+                   "data.crop_size=32", "plain_cnn.lpips_weight=0", "plain_cnn.lr=1e-2", "train.ema_decay=0"],
+        method_defaults=METHODS["plain_cnn"].defaults,
+    )
+    trainer = Trainer(config, tmp_path / "run")
+    network = trainer.method.network
+    lq = torch.rand(1, 3, 6, 5) * 2 - 1
+    bicubic = F.interpolate(lq, scale_factor=4, mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        assert torch.equal(network(lq), bicubic)  # a zero tail: it starts as the bicubic enlargement
+    assert trainer.train() == "finished"
+    upscale = plain_cnn.load_plain_cnn(tmp_path / "run" / "model.safetensors")
+    out = upscale((lq[0] + 1) / 2)
+    with torch.no_grad():
+        expected = ((network(lq)[0] + 1) / 2).clamp(0, 1)
+    assert out.shape == (3, 24, 20) and not torch.allclose(expected, ((bicubic[0] + 1) / 2).clamp(0, 1))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="plain_cnn"):
+        plain_cnn.load_plain_cnn(DEFAULT_MODEL)
+
+
+def test_installing_a_model_drops_the_paths_of_the_machine_that_trained_it(tmp_path, monkeypatch):
+    source = tmp_path / "model.safetensors"
+    checkpoint = load_checkpoint(DEFAULT_MODEL)
+    checkpoint.training_config = {"data": {"hr_dir": str(tmp_path / "photos" / "train")}, "model": {"base": "relative/base"}, "seed": 2}
+    save_checkpoint(checkpoint, source)
+    target = tmp_path / "bundled" / "d3sr-small-x4.safetensors"
+    monkeypatch.setattr(default_model, "DEFAULT_MODEL", target)
+    default_model.install(source)
+    assert load_checkpoint(target).training_config == {"data": {"hr_dir": "train"}, "model": {"base": "relative/base"}, "seed": 2}

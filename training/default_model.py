@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from d3sr_core.checkpoints import load_checkpoint, save_checkpoint
 from d3sr_core.files import atomic_output
 from d3sr_core.loading import DEFAULT_MODEL, load_model
 from d3sr_core.metrics import make_metric
 from d3sr_core.pipeline import Upscaler
 
 from .config import load_config, method_named_in
+from .generator import portable_paths
 from .evaluation import available_metrics, bicubic_upscaler, run_upscaler, score_outputs, selection_key
 from .methods import METHODS
 from .trainer import Trainer, complete_checkpoints
@@ -89,6 +90,13 @@ def reproduce(photos: Path, output_dir: Path, overrides: list[str] = ()) -> Path
     return model
 
 
+def install(model: Path) -> None:
+    """Write ``model`` as the bundled model, its training record free of this machine's paths."""
+    checkpoint = load_checkpoint(model)
+    checkpoint.training_config = portable_paths(checkpoint.training_config)
+    save_checkpoint(checkpoint, DEFAULT_MODEL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.default_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", required=True, help="the folder python -m training.photos wrote (train/, validation/)")
@@ -98,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = reproduce(Path(args.photos), Path(args.output_dir), args.set)
     if args.install:
-        DEFAULT_MODEL.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(DEFAULT_MODEL) as tmp:
-            shutil.copyfile(model, tmp)
+        install(model)
     print(f"default model: {model}" + (f" (installed as {DEFAULT_MODEL})" if args.install else ""))
     return 0
 

@@ -148,6 +148,18 @@ def inference_defaults(model_config: dict, scale: int, method: str | None = None
     return replace(TRAINED_DEFAULTS, scale=scale, **{**OFFICIAL_SCRIPT_DEFAULTS.get(method, {}), **overrides})
 
 
+def portable_paths(value):
+    """``value`` (a config) with every absolute path cut to its last component: a model's record of how it was trained
+    must not carry the folders of the machine that trained it."""
+    if isinstance(value, dict):
+        return {k: portable_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_paths(v) for v in value]
+    if isinstance(value, str) and Path(value).is_absolute():
+        return Path(value).name
+    return value
+
+
 def check_crop_size(data_config: dict, vae: nn.Module, paired: bool = True) -> None:
     """HR crops (and, when ``paired``, their upsampled LQ partners) must be whole numbers of VAE pixels."""
     factor = vae_scale_factor(vae)
@@ -265,7 +277,7 @@ class TrainableGenerator(nn.Module):
             defaults=inference_defaults(training_config["model"], scale, training_config.get("method")),
             base_configs=training_base.configs,
             base_tensors=dict(training_base.original),
-            training_config=training_config,
+            training_config=portable_paths(training_config),
         )
 
     def write_exports(self, folder: Path, method: str, trained: dict[str, torch.Tensor], training_config: dict) -> Path:
