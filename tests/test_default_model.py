@@ -4,6 +4,7 @@ three-stage reproduction at a few steps, the Real-ESRGAN baseline loader, and th
 import io
 import json
 import shutil
+from dataclasses import replace
 import zipfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from d3sr_cli.main import main as d3sr_main
 from d3sr_core.backbones import load_base
 from d3sr_core.checkpoints import load_checkpoint, save_checkpoint
 from d3sr_core.backbones.patch_autoencoder import PatchAutoencoder, autoencoder_from_config
+from d3sr_core.color import COLOR_FIXES
 from d3sr_core.generator import vae_scale_factor
 from d3sr_core.image_io import read_image, write_png
 from d3sr_core.loading import DEFAULT_MODEL, bundled_models, load_model
@@ -246,8 +248,11 @@ def test_two_stage_reproduction_trains_then_selects_a_checkpoint_on_validation_o
     overrides = ["train.max_steps=2", "train.batch_size=1", "data.num_workers=0", "train.checkpoint_every=1"]
     model = reproduce(photos_root, tmp_path / "runs", overrides)
     report = json.loads((tmp_path / "runs" / "sr" / "selection.json").read_text())
-    assert sorted(report["checkpoints"]) == ["1", "2"] and model.parent.name == f"checkpoint-{report['selected_step']}"
-    assert set(report["bicubic"]) == {"clean", "degraded"}
+    assert sorted((c["step"], c["color_fix"]) for c in report["candidates"]) == [(s, c) for s in (1, 2) for c in sorted(COLOR_FIXES)]
+    assert set(report["bicubic"]) == {"clean", "degraded"} and model == tmp_path / "runs" / "sr" / "model_selected.safetensors"
+    selected = report["selected"]
+    chosen = load_checkpoint(tmp_path / "runs" / "sr" / f"checkpoint-{selected['step']}" / "model.safetensors")
+    assert load_checkpoint(model).defaults == replace(chosen.defaults, color_fix=selected["color_fix"])
     prior_base = load_base(tmp_path / "runs" / "prior" / "base", load_text_encoder=False)
     assert isinstance(prior_base.vae, PatchAutoencoder) and prior_base.denoiser.config.in_channels == 48
     checkpoint = load_checkpoint(model)

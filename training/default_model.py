@@ -5,8 +5,8 @@
 2. ``presets/default_sr.yaml`` (method ``d3sr``): the one-step SR generator on that prior, with the prior as
    the discriminator's backbone, exported self-contained at every checkpoint;
 
-then the SR checkpoint that scores best on the **validation** photos (:func:`training.evaluation.selection_key`)
-is the result; the held-out photos are never looked at here.
+then the SR checkpoint and colour fix that score best on the **validation** photos
+(:func:`training.evaluation.selection_key`) are the result; the held-out photos are never looked at here.
 
 ``python -m training.default_model --photos DIR --output-dir runs/default [--install]``; ``DIR`` is the folder
 ``python -m training.photos`` writes (``train/`` trains, ``validation/`` selects). A stage whose result exists is
@@ -20,11 +20,13 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from d3sr_core.checkpoints import load_checkpoint, save_checkpoint
+from d3sr_core.color import COLOR_FIXES
 from d3sr_core.files import atomic_output
 from d3sr_core.loading import DEFAULT_MODEL, load_model
 from d3sr_core.metrics import make_metric
@@ -39,6 +41,7 @@ from .trainer import Trainer, complete_checkpoints
 STAGES = (("prior", "default_prior", "base"), ("sr", "default_sr", "model.safetensors"))
 """(output subfolder, preset, what the stage leaves in its subfolder)."""
 SELECTION_FILE = "selection.json"
+SELECTED_MODEL = "model_selected.safetensors"
 
 
 def train_stages(train_dir: Path, output_dir: Path, overrides: list[str] = ()) -> Path:
@@ -58,29 +61,38 @@ def train_stages(train_dir: Path, output_dir: Path, overrides: list[str] = ()) -
 
 
 def select_on_validation(run_dir: Path, validation_dir: Path) -> tuple[Path, dict]:
-    """Score the model of every kept checkpoint of ``run_dir`` on ``validation_dir`` (both kinds of input) and
-    return the best one's path (:func:`selection_key`) with the scores, which are also written to
-    ``run_dir/selection.json``."""
+    """Score the model of every kept checkpoint of ``run_dir`` with every colour fix on ``validation_dir`` (both
+    kinds of input), pick the best pair (:func:`selection_key`) and write it as ``run_dir/model_selected.safetensors``,
+    the checkpoint's model with that colour fix as its default; returns its path and the scores, which are also
+    written to ``run_dir/selection.json``."""
     metrics = available_metrics()
     scorers = {m: make_metric(m, torch.device("cpu")) for m in metrics}
-    candidates = [(step, folder / "model.safetensors") for step, folder in complete_checkpoints(run_dir)]
+    candidates = dict((step, folder / "model.safetensors") for step, folder in complete_checkpoints(run_dir))
     if not candidates:
         raise ValueError(f"{run_dir} holds no complete checkpoint to select from.")
     with tempfile.TemporaryDirectory() as tmp:
         run_upscaler(bicubic_upscaler(), validation_dir, Path(tmp) / "bicubic")
         bicubic = score_outputs(Path(tmp) / "bicubic", validation_dir, metrics, scorers)
         scores = {}
-        for step, path in candidates:
+        for step, path in candidates.items():
             loaded = load_model(path)
             upscaler = Upscaler(loaded.generator)
-            out = Path(tmp) / f"step-{step}"
-            run_upscaler(lambda lq: upscaler.upscale(lq[None], loaded.defaults)[0], validation_dir, out)
-            scores[step] = score_outputs(out, validation_dir, metrics, scorers)
-    best = min(scores, key=lambda s: selection_key(scores[s], bicubic))
-    report = {"bicubic": bicubic, "checkpoints": {str(s): v for s, v in scores.items()}, "selected_step": best}
+            for color_fix in COLOR_FIXES:
+                options = replace(loaded.defaults, color_fix=color_fix)
+                out = Path(tmp) / f"step-{step}-{color_fix}"
+                run_upscaler(lambda lq: upscaler.upscale(lq[None], options)[0], validation_dir, out)
+                scores[(step, color_fix)] = score_outputs(out, validation_dir, metrics, scorers)
+    step, color_fix = min(scores, key=lambda key: selection_key(scores[key], bicubic))
+    checkpoint = load_checkpoint(candidates[step])
+    checkpoint.defaults = replace(checkpoint.defaults, color_fix=color_fix)
+    selected = save_checkpoint(checkpoint, run_dir / SELECTED_MODEL)
+    report = {
+        "bicubic": bicubic, "selected": {"step": step, "color_fix": color_fix},
+        "candidates": [{"step": s, "color_fix": c, "scores": v} for (s, c), v in scores.items()],
+    }
     with atomic_output(run_dir / SELECTION_FILE) as tmp_file:
         tmp_file.write_text(json.dumps(report, indent=1) + "\n")
-    return dict(candidates)[best], report
+    return selected, report
 
 
 def reproduce(photos: Path, output_dir: Path, overrides: list[str] = ()) -> Path:
