@@ -30,7 +30,7 @@ def shift_tolerant_lpips_vgg() -> torch.nn.Module:
     if spec is not None and spec.submodule_search_locations:
         weights = Path(list(spec.submodule_search_locations)[0]).parent / SHIFT_TOLERANT_LPIPS_FILE
     if weights is None or not weights.is_file() or importlib.util.find_spec("pyiqa") is None:
-        raise ValueError("loss.lpips_network stlpips_vgg needs the pyiqa and stlpips-pytorch packages (pip install -e '.[metrics]').")
+        raise ValueError("the ST-LPIPS-VGG loss (lpips_weight > 0) needs the pyiqa and stlpips-pytorch packages (pip install -e '.[metrics]').")
     import pyiqa
 
     model = pyiqa.create_metric("stlpips-vgg", as_loss=True, pretrained_model_path=str(weights), device="cpu")
