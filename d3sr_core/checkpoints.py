@@ -358,12 +358,14 @@ def parse_metadata(path: Path, meta: dict[str, str]) -> dict:
 
 
 def check_tensors(path: Path | str, tensors: dict[str, torch.Tensor]) -> None:
-    """Every weight must be a floating-point tensor; one sentence naming the first that is not."""
+    """Every weight must be a finite floating-point tensor; one sentence naming the first that is not."""
     for key, value in tensors.items():
         if not isinstance(value, torch.Tensor):
             raise ModelFileError(f"{path} holds {type(value).__name__} at {key!r}; expected a tensor.")
         if not value.is_floating_point():
             raise ModelFileError(f"{path} holds the tensor {key!r} of type {value.dtype}; expected floating-point weights.")
+        if not torch.isfinite(value).all():
+            raise ModelFileError(f"{path} holds NaN or infinite values in the tensor {key!r}; the file is damaged.")
 
 
 def _read_ours(path: Path) -> OneStepCheckpoint:
@@ -379,11 +381,13 @@ def _read_ours(path: Path) -> OneStepCheckpoint:
         timestep=fields["timestep"],
         adapters=fields["adapters"],
         tensors={k: v for k, v in tensors.items() if not k.startswith((CONDITIONING_PREFIX, EMBEDDED_BASE_PREFIX))},
-        conditioning=_with_prefix(tensors, CONDITIONING_PREFIX),
+        # The embedded base and the prompt embedding run as stored, so they are made float32 (as the docs promise)
+        # whatever precision the file holds them in; adapter weights are copied into float32 parameters anyway.
+        conditioning={k: v.float() for k, v in _with_prefix(tensors, CONDITIONING_PREFIX).items()},
         defaults=fields["defaults"],
         source=path,
         base_configs=fields.get("base_configs"),
-        base_tensors=_with_prefix(tensors, EMBEDDED_BASE_PREFIX),
+        base_tensors={k: v.float() for k, v in _with_prefix(tensors, EMBEDDED_BASE_PREFIX).items()},
         training_config=fields.get("training_config"),
     )
     if fields.get("prompt_embedding", False) != ("prompt_embeds" in checkpoint.conditioning):

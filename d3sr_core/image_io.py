@@ -75,7 +75,9 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
                 loaded = from_pil(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, png.Error, Image.DecompressionBombError) as err:
         if isinstance(err, ImageFileError):
-            raise
+            if str(path) in str(err):
+                raise
+            raise ImageFileError(f"{path}: {err}") from None
         raise ImageFileError(f"{path} is not a readable image ({type(err).__name__}: {err}).") from None
     if loaded.pixels.shape[1] == 0 or loaded.pixels.shape[2] == 0:
         raise ImageFileError(f"{path} has no pixels ({loaded.pixels.shape[2]}x{loaded.pixels.shape[1]}).")
