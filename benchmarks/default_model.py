@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from d3sr_core.files import atomic_output
 from d3sr_core.image_io import from_pil
 from d3sr_core.loading import DEFAULT_MODEL, load_model
+from d3sr_core.metrics import make_metric
 from d3sr_core.pipeline import Upscaler
 from training.methods.plain_cnn import load_plain_cnn
 from training.evaluation import KINDS, available_metrics, bicubic_upscaler, run_upscaler, score_outputs
@@ -114,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         name, _, path = spec.partition("=")
         runners[name] = load_plain_cnn(Path(path))
     metrics = available_metrics()
+    scorers = {m: make_metric(m, torch.device("cpu")) for m in metrics}
     results, seconds = {}, {}
     for method, run in runners.items():
         per_kind = run_upscaler(run, split_dir, out / method)
         seconds[method] = sum(per_kind.values()) / len(per_kind)
-        results[method] = score_outputs(out / method, split_dir, metrics)
+        results[method] = score_outputs(out / method, split_dir, metrics, scorers)
     text = table(results, metrics, seconds)
     print(text)
     report = {
