@@ -2,6 +2,7 @@
 within what is free (VAE tiles parked on disk when RAM would not hold them), memory handed back after Cancel."""
 
 import logging
+import os
 
 import torch
 from comfy import model_management
@@ -29,6 +30,23 @@ def dtype_name(precision: str, device: torch.device) -> str:
     if model_management.should_use_bf16(device):
         return "bf16"
     return "fp16" if model_management.should_use_fp16(device) else "fp32"
+
+
+LIMIT_VARIABLES = {"max_output_pixels": "D3SR_MAX_OUTPUT_PIXELS", "max_scale": "D3SR_MAX_SCALE"}
+"""The server's size limits, raised by setting these in ComfyUI's environment (defaults: d3sr_core.options)."""
+
+
+def server_limits() -> dict[str, int]:
+    """``max_output_pixels`` / ``max_scale`` from the environment, where set; a value that is not a whole number is
+    one sentence."""
+    limits = {}
+    for name, variable in LIMIT_VARIABLES.items():
+        text = os.environ.get(variable, "").strip()
+        if text:
+            if not text.isdigit():
+                raise ValueError(f"the environment variable {variable}={text!r} is not a whole number of at least 1.")
+            limits[name] = int(text)
+    return limits
 
 
 class Upscale(io.ComfyNode):
@@ -85,6 +103,7 @@ class Upscale(io.ComfyNode):
         options = host_options(
             d3sr_model.defaults, generator.vae_scale_factor, tile_size=tile_size, tile_overlap=tile_overlap, vae_tile_size=vae_tile_size,
             scale=scale, color_fix=None if color_fix == METHOD_DEFAULT else color_fix, vae_sample=vae_sample, seed=seed,
+            **server_limits(),
         )
         device = model_management.get_torch_device()
         if device.type != "cpu":  # make room: the graph's own SD model may still sit on the GPU

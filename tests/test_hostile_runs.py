@@ -368,3 +368,49 @@ def test_comfyui_base_path_stays_inside_models_diffusers(tmp_path, monkeypatch):
                  "diffusers/", "diffusers/.."):
         with pytest.raises(FileNotFoundError):
             module.base_path(name)
+
+
+# ---- ComfyUI: a model list that survives bad files, limits from the server's environment -------------------------
+
+@pytest.fixture
+def comfy_pack(tmp_path, monkeypatch):
+    """The pack imported over the stand-in ComfyUI, with models/d3sr holding one good and six bad files."""
+    import importlib.util
+
+    from test_hostile_models import bad_model_folder
+
+    root = tmp_path / "models"
+    micro = save_checkpoint(micro_checkpoint(), tmp_path / "micro.safetensors")
+    bad_model_folder(root / "d3sr", micro)
+    (root / "checkpoints").mkdir()
+    monkeypatch.setenv("D3SR_TEST_MODELS_DIR", str(root))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "comfy_stub"))
+    forget = lambda: [sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] in ("folder_paths", "comfy", "comfy_api", "d3sr_hostile_pack")]  # noqa: E731
+    forget()
+    spec = importlib.util.spec_from_file_location("d3sr_hostile_pack", REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["d3sr_hostile_pack"] = module
+    spec.loader.exec_module(module)
+    yield module
+    forget()
+
+
+def test_comfyui_lists_only_readable_models_and_takes_limits_from_the_environment(comfy_pack, monkeypatch):
+    from d3sr_core.options import LimitError
+
+    nodes = comfy_pack.NODE_CLASS_MAPPINGS
+    options = {i.id: i for i in nodes["D3SRModelLoader"].define_schema().inputs}["model_name"].options
+    assert "good.safetensors" in options
+    assert not [o for o in options if o.split(".")[0] in ("truncated", "bad_scale", "empty", "text", "zip_cut", "no_meta")]
+    loaded = nodes["D3SRModelLoader"].execute("good.safetensors", None, "fp32").args[0]
+    image = torch.rand(1, 8, 8, 3)
+    inputs = dict(scale=2, tile_size=-1, tile_overlap=-1, vae_tile_size=-1, color_fix="method default", vae_sample="mode", seed=0)
+    assert nodes["D3SRUpscale"].execute(loaded, image, **inputs).args[0].shape == (1, 16, 16, 3)
+    monkeypatch.setenv("D3SR_MAX_OUTPUT_PIXELS", "100")
+    with pytest.raises(LimitError, match="max_output_pixels=100"):
+        nodes["D3SRUpscale"].execute(loaded, image, **inputs)
+    monkeypatch.setenv("D3SR_MAX_OUTPUT_PIXELS", "lots")
+    with pytest.raises(ValueError, match="D3SR_MAX_OUTPUT_PIXELS='lots' is not a whole number"):
+        nodes["D3SRUpscale"].execute(loaded, image, **inputs)
+    monkeypatch.setenv("D3SR_MAX_OUTPUT_PIXELS", "256")
+    assert nodes["D3SRUpscale"].execute(loaded, image, **inputs).args[0].shape == (1, 16, 16, 3)
