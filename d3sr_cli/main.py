@@ -26,6 +26,7 @@ from d3sr_core.options import (
 )
 from d3sr_core.tiled_vae import TILE_STORES
 
+from .folder_run import add_folder_arguments, run_settings, upscale_files
 from .host_memory import fix_mmap_threshold
 from .train import add_train
 
@@ -102,6 +103,7 @@ def _add_upscale(sub) -> None:
     p.add_argument("--max-output-pixels", type=int, default=DEFAULT_MAX_OUTPUT_PIXELS,
                    help="refuse an image whose output, or processing size, has more pixels than this "
                    f"(default {DEFAULT_MAX_OUTPUT_PIXELS}, 8192x8192)")
+    add_folder_arguments(p)
     p.set_defaults(run=run_upscale)
 
 
@@ -238,10 +240,8 @@ def _device(name: str | None):
 
 
 def run_upscale(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from d3sr_core.files import sweep_stale_temporaries
-    from d3sr_core.image_io import list_images, read_image, write_png
+    from d3sr_core.image_io import list_images
     from d3sr_core.loading import load_model
     from d3sr_core.pipeline import Upscaler
 
@@ -279,31 +279,21 @@ def run_upscale(args: argparse.Namespace) -> int:
         if not DEFAULT_MODEL.is_file():
             raise CommandError(f"no --model given and the bundled default model is missing ({DEFAULT_MODEL}).")
         args.model = DEFAULT_MODEL
-    device = _device(args.device)
-    loaded = load_model(
-        args.model,
-        args.base,
-        embeddings_dir=args.embeddings,
-        base_config=args.base_config,
-        prompt=args.prompt,
-        merge_lora=not args.no_merge_lora,
-    )
-    options = _options_from_args(args, loaded.defaults, loaded.generator.vae_scale_factor)
-    upscaler = Upscaler(loaded.generator, device=device, dtype=args.dtype, winograd=args.winograd)
-    failures = 0
-    for path in files:
-        try:
-            image = read_image(path)
-            height, width = image.pixels.shape[-2:]
-            with tqdm(total=upscaler.count_steps(height, width, options), desc=path.name, unit="tile") as bar:
-                result = upscaler.upscale(image.pixels[None], options, lambda done, total: bar.update(done - bar.n))
-            out = write_png(out_dir / f"{path.stem}.png", result[0], image.bit_depth)
-            tqdm.write(f"{path} -> {out} ({width}x{height} -> {result.shape[-1]}x{result.shape[-2]})")
-        except (ImageFileError, ValueError, RuntimeError, OSError) as err:  # RuntimeError includes running out of memory
-            failures += 1
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"d3sr: error: {message if isinstance(err, ImageFileError) else f'{path}: {message}'}", file=sys.stderr)
-    return 1 if failures else 0
+    def make_upscaler(device):
+        loaded = load_model(
+            args.model,
+            args.base,
+            embeddings_dir=args.embeddings,
+            base_config=args.base_config,
+            prompt=args.prompt,
+            merge_lora=not args.no_merge_lora,
+        )
+        options = _options_from_args(args, loaded.defaults, loaded.generator.vae_scale_factor)
+        return Upscaler(loaded.generator, device=device, dtype=args.dtype, winograd=args.winograd), options
+
+    # One process, or this process's share of an `accelerate launch` (see folder_run.py).
+    return upscale_files(files, out_dir, make_upscaler, device=args.device, resolve_device=_device,
+                         settings=run_settings(args), batch_size=args.batch_size)
 
 
 def run_convert(args: argparse.Namespace) -> int:
