@@ -276,26 +276,6 @@ def test_selection_prefers_checkpoints_as_faithful_as_bicubic_then_the_lowest_st
     assert ranked == [faithful_sharp, faithful_soft, sharp_unfaithful]
 
 
-def test_realesrgan_ncnn_weights_fill_the_network_in_layer_order():
-    assert sum(isinstance(m, torch.nn.Conv2d) for m in teachers.RRDBNet().modules()) == 351  # as the .param lists
-    source = teachers.RRDBNet(blocks=1, features=8, growth=4)
-    gen = torch.Generator().manual_seed(0)
-    data = b""
-    for conv in (m for m in source.modules() if isinstance(m, torch.nn.Conv2d)):
-        weight = torch.randn(conv.weight.shape, generator=gen).half()
-        bias = torch.randn(conv.out_channels, generator=gen)
-        data += teachers.NCNN_FP16_TAG.to_bytes(4, "little") + weight.numpy().tobytes() + bias.numpy().tobytes()
-        with torch.no_grad():
-            conv.weight.copy_(weight.float())
-            conv.bias.copy_(bias)
-    loaded = teachers.load_ncnn_weights(teachers.RRDBNet(blocks=1, features=8, growth=4), data)
-    torch.testing.assert_close(loaded.state_dict(), source.state_dict(), rtol=0, atol=0)
-    x = torch.rand(1, 3, 6, 5, generator=gen)
-    assert loaded(x).shape == (1, 3, 24, 20)
-    with pytest.raises(ValueError, match="left over"):
-        teachers.load_ncnn_weights(teachers.RRDBNet(blocks=1, features=8, growth=4), data + b"\0\0\0\0")
-
-
 def test_the_bundled_model_is_small_self_contained_and_upscales_the_sample(tmp_path):
     assert bundled_models() == {"d3sr-small-x4": DEFAULT_MODEL}
     assert DEFAULT_MODEL.stat().st_size < 50 * 2**20

@@ -49,18 +49,19 @@ def test_x0_from_epsilon_is_bit_equal_to_ddpm_step_at_999():
     assert torch.equal(alphas_cumprod_from_config(config), scheduler.alphas_cumprod)
 
 
-def test_x0_from_v_inverts_the_forward_process():
+def test_x0_from_v_inverts_the_forward_process(device):
     gen = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(3, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
-    ab = torch.tensor(0.3, dtype=torch.float64)
+    x0, noise = (torch.randn(3, generator=gen, dtype=torch.float64).to(device) for _ in range(2))
+    ab = torch.tensor(0.3, dtype=torch.float64, device=device)
     z_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     v = ab.sqrt() * noise - (1 - ab).sqrt() * x0  # Salimans & Ho, sec. 4
     assert torch.allclose(x0_from_v(z_t, v, ab), x0)
     assert torch.allclose(x0_from_epsilon(z_t, noise, ab), x0)
 
 
-def test_x0_from_flow_velocity_inverts_the_flow_path():
-    x0, noise = torch.tensor([0.2, -0.7], dtype=torch.float64), torch.tensor([1.1, 0.4], dtype=torch.float64)
+def test_x0_from_flow_velocity_inverts_the_flow_path(device):
+    x0 = torch.tensor([0.2, -0.7], dtype=torch.float64, device=device)
+    noise = torch.tensor([1.1, 0.4], dtype=torch.float64, device=device)
     for sigma in (1.0, 0.35):
         z = (1 - sigma) * x0 + sigma * noise
         assert torch.allclose(x0_from_flow_velocity(z, noise - x0, sigma), x0)

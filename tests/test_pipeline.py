@@ -14,10 +14,10 @@ from tiny_models import random_image, write_osediff_pkl
 
 
 @pytest.fixture(scope="module")
-def upscaler(tmp_path_factory, tiny_base_dir):
+def upscaler(tmp_path_factory, tiny_base_dir, device):
     path = tmp_path_factory.mktemp("m") / "osediff.pkl"
     write_osediff_pkl(path)
-    return Upscaler(build_generator(load_checkpoint(path), load_base(tiny_base_dir)), dtype="fp32")
+    return Upscaler(build_generator(load_checkpoint(path), load_base(tiny_base_dir)), dtype="fp32", device=device)
 
 
 SMALL = dict(min_process_side=0, vae_encoder_tile_size=0, vae_decoder_tile_size=0)
@@ -83,7 +83,7 @@ def test_dtype_resolution():
         resolve_dtypes("fp8", cpu)
 
 
-def test_bf16_runs_close_to_fp32(tmp_path, tiny_base_dir):
+def test_bf16_runs_close_to_fp32(tmp_path, tiny_base_dir, device):
     path = tmp_path / "osediff.pkl"
     write_osediff_pkl(path)
     image = random_image(32, 32)
@@ -91,7 +91,7 @@ def test_bf16_runs_close_to_fp32(tmp_path, tiny_base_dir):
     results = {}
     for dtype in ("fp32", "bf16"):
         generator = build_generator(load_checkpoint(path), load_base(tiny_base_dir))
-        results[dtype] = Upscaler(generator, dtype=dtype).upscale(image, options)
+        results[dtype] = Upscaler(generator, dtype=dtype, device=device).upscale(image, options)
     assert results["bf16"].dtype == torch.float32
     assert (results["bf16"] - results["fp32"]).abs().mean() < 0.05
 
@@ -127,9 +127,9 @@ def test_color_source_input_uses_the_input_as_tsdsr_does(upscaler, color_fix, mo
     options = UpscaleOptions(scale=2, upsample="torch_bicubic", color_fix=color_fix, color_source="input", **SMALL)
     upscaler.upscale(image, options)
     expected = image if color_fix == "adain" else pil_bicubic_resize(image, (40, 48))
-    assert torch.equal(seen[-1], expected)
+    assert torch.equal(seen[-1].cpu(), expected)  # the colour source is moved to the output's device, unchanged
     upscaler.upscale(image, options.updated(color_source="upsampled"))
-    assert torch.equal(seen[-1], torch.nn.functional.interpolate(image, size=(40, 48), mode="bicubic", align_corners=False).clamp(0, 1))
+    assert torch.equal(seen[-1].cpu(), torch.nn.functional.interpolate(image, size=(40, 48), mode="bicubic", align_corners=False).clamp(0, 1))
 
 
 def test_out_of_memory_halves_tiles_down_to_the_floor_then_gives_up(upscaler, monkeypatch):

@@ -113,9 +113,9 @@ def inner_tile_edges(size: int, tile: int, overlap: int) -> list[int]:
 OPTIONS = dict(scale=1, min_process_side=0, vae_encoder_tile_size=0, vae_decoder_tile_size=0, color_fix="none")
 
 
-def test_three_tiles_wide_close_to_untiled():
+def test_three_tiles_wide_close_to_untiled(device):
     image = random_image(96, 256, seed=4)  # latents 12 x 32: tiles of 16 with overlap 8 start at 0, 8, 16
-    upscaler = Upscaler(local_generator(), dtype="fp32")
+    upscaler = Upscaler(local_generator(), dtype="fp32", device=device)
     untiled = upscaler.upscale(image, UpscaleOptions(tile_size=0, **OPTIONS))
     tiled = upscaler.upscale(image, UpscaleOptions(tile_size=16, tile_overlap=8, **OPTIONS))
     # Why this bound: a tile's prediction is wrong only within 2 latent pixels of its inner edges (x0 off by up to
