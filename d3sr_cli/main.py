@@ -265,14 +265,15 @@ def run_upscale(args: argparse.Namespace) -> int:
         _options_from_args(args, UpscaleOptions(min_process_side=0), 8)  # the model's own is checked once loaded
     except ValueError as err:
         raise CommandError(f"the options do not fit: {err}") from None
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CommandError(f"--output-dir {out_dir} cannot be created ({err.strerror}).") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise CommandError(f"--output-dir {out_dir} is not writable by this user.")
-    for name in {f.stem for f in files}:  # half-written results a killed run left behind
-        sweep_stale_temporaries(f".{glob.escape(name)}.", out_dir, file_suffix=".png.tmp")
+    # Nothing is created yet (a model that fails to load leaves no folder behind): the nearest existing folder
+    # must let this user create the rest.
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable by this user" if existing == out_dir.absolute() else f"cannot be created in {existing}"
+        raise CommandError(f"--output-dir {out_dir} {what}.")
+    if out_dir.is_dir():
+        for name in {f.stem for f in files}:  # half-written results a killed run left behind
+            sweep_stale_temporaries(f".{glob.escape(name)}.", out_dir, file_suffix=".png.tmp")
     if not args.model:
         from d3sr_core.loading import DEFAULT_MODEL
 
