@@ -281,7 +281,11 @@ def test_the_bundled_model_is_small_self_contained_and_upscales_the_sample(tmp_p
     assert DEFAULT_MODEL.stat().st_size < 50 * 2**20
     checkpoint = load_checkpoint(DEFAULT_MODEL)
     assert checkpoint.method == "d3sr" and checkpoint.base_configs is not None and checkpoint.defaults.scale == 4
-    assert load_model(DEFAULT_MODEL).generator.timestep == checkpoint.timestep
+    assert checkpoint.base_configs["vae"]["autoencoder_type"] == "patch"
+    generator = load_model(DEFAULT_MODEL).generator
+    assert generator.timestep == checkpoint.timestep
+    assert sum(p.numel() for p in generator.parameters()) <= 8_000_000  # the issue's budget; Real-ESRGAN has 16.7 M
+    assert not any(str(v).startswith("/") for v in json.dumps(checkpoint.training_config).split('"'))
     # The README's first command.
     assert d3sr_main(["upscale", str(SAMPLE), "-o", str(tmp_path)]) == 0
     lr = read_image(SAMPLE).pixels
