@@ -148,7 +148,8 @@ def test_export_round_trip_through_d3sr_upscale(hr_dir, tmp_path, capsys):
     assert (out / "model_kohya_unet_lora.safetensors").is_file() and (out / "checkpoint-3" / "model.safetensors").is_file()
 
     # The in-memory model: rebuild the trainer's generator from the final checkpoint's trained tensors.
-    trainer = Trainer(tiny_config(hr_dir, "train.max_steps=3"), out, resume=True)
+    # The run's own config: --resume refuses any change but max_steps, saving and logging.
+    trainer = Trainer(tiny_config(hr_dir, "train.max_steps=3", "d3sr.generator.lr=1e-3"), out, resume=True)
     in_memory = trainer.method.generator.generator.eval()
     image = read_image(hr_dir / "photo3.png").pixels
     options = checkpoint.defaults.updated(tile_size=0)
