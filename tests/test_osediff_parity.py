@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from bounds import IMAGE_REORDER, MATTERS, max_difference
 
 from d3sr_core.backbones import load_base
 from d3sr_core.checkpoints import build_generator, convert_checkpoint, load_checkpoint
@@ -87,12 +88,13 @@ def test_pkl_matches_reference(osediff_pkl, tiny_base_dir, merge_lora):
     expected = (reference_forward(saved, image * 2 - 1) + 1) / 2
     ours = run_ours(path, tiny_base_dir, image, merge_lora)
     assert ours.shape == expected.shape
-    # Merged (the default) folds LoRA into the weights as the reference does: equal to float precision. Unmerged
-    # adds B(Ax) after the base matmul, which rounds differently, and x0 = z / 0.068 amplifies that 15 times.
-    assert (ours - expected).abs().max().item() <= (1e-5 if merge_lora else 5e-5)
+    # Merged (the default) folds LoRA into the weights as the reference does; unmerged adds B(Ax) after the base
+    # matmul. Both equal the reference in exact arithmetic and differ only in summation order, which the CPU's
+    # kernels choose (measured: 1.1e-5 merged on an AVX-512 CPU, where x0 = z / 0.068 amplifies rounding 15 times).
+    assert max_difference(ours, expected) <= IMAGE_REORDER
     # The LoRA must matter, or the comparison above proves nothing about loading it.
     plain = Upscaler(build_generator_without_lora(tiny_base_dir), dtype="fp32").upscale(image, EXACT)
-    assert (plain - expected).abs().max().item() > 1e-2
+    assert max_difference(plain, expected) > MATTERS
 
 
 def build_generator_without_lora(base_dir):
