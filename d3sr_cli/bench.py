@@ -30,7 +30,7 @@ from d3sr_core.lora import AdapterSpec, add_adapters, merge_adapters
 from d3sr_core.options import PRESETS, UpscaleOptions
 from d3sr_core.pipeline import Upscaler
 
-from .host_memory import release_freed_memory
+from d3sr_core.memory import release_freed_memory
 
 TINY_UNET = {
     "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],

@@ -24,10 +24,10 @@ from d3sr_core.options import (
     UpscaleOptions,
     vae_tile_sizes,
 )
+from d3sr_core.memory import fix_mmap_threshold
 from d3sr_core.tiled_vae import TILE_STORES
 
 from .folder_run import add_folder_arguments, run_settings, upscale_files
-from .host_memory import fix_mmap_threshold
 from .train import add_train
 
 

@@ -173,7 +173,7 @@ def test_fixed_mmap_threshold_hands_freed_blocks_back(tmp_path):
     import sys
 
     child = (
-        "import ctypes, sys; from d3sr_cli.host_memory import fix_mmap_threshold\n"
+        "import ctypes, sys; from d3sr_core.memory import fix_mmap_threshold\n"
         "fixed = sys.argv[1] == 'fixed' and fix_mmap_threshold()\n"
         "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
         "rss = lambda: int(open('/proc/self/statm').read().split()[1])\n"
