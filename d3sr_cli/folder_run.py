@@ -348,7 +348,7 @@ def upscale_files(
     """
     from tqdm import tqdm
 
-    from d3sr_core.files import FolderLock, sweep_stale_temporaries
+    from d3sr_core.files import LOCK_NAME, FolderLock, sweep_stale_temporaries
     from d3sr_core.image_io import ImageFileError, write_png
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -360,6 +360,7 @@ def upscale_files(
     settings_id = _settings_id(settings)
     lock = None
     plan = None
+    created = procs.is_main and not out_dir.exists()
     try:
         if procs.is_main:
             lock = FolderLock(out_dir, "--output-dir").acquire()  # a second run into the same folder would redo work
@@ -480,4 +481,8 @@ def upscale_files(
                 pass
         if lock is not None:
             lock.release()
+        if created and {p.name for p in out_dir.iterdir()} <= {LOCK_NAME}:
+            # A run that wrote nothing (its model failed to load, say) leaves no folder it made behind.
+            (out_dir / LOCK_NAME).unlink(missing_ok=True)
+            out_dir.rmdir()
 
