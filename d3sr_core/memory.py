@@ -77,7 +77,9 @@ def ram_store_bytes(vae, height: int, width: int) -> int:
     tile's activations of the full-resolution stage, where the VAE's first (encoder) and last (decoder) blocks have
     ``block_out_channels[0]`` channels, as float32 input and output of the stage plus the half-resolution stage's
     share (about half as much again). Lower resolutions hold more channels on 4x fewer pixels, so this one bounds
-    them."""
+    them. A pointwise autoencoder (``PatchAutoencoder``) is never tiled and holds nothing: 0."""
+    if getattr(vae, "pointwise", False):
+        return 0
     channels = int(vae.config.block_out_channels[0])
     return int(3 * 4 * channels * height * width)
 
