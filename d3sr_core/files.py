@@ -59,16 +59,26 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torc
     return tensors, metadata
 
 
+def _unpickler_reason(err: Exception) -> str:
+    """What the weights-only unpickler objected to, without torch's advice to reload with ``weights_only=False``
+    (which would run whatever code the file holds)."""
+    text = str(err)
+    reason = text.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+    reason = " ".join(reason.split())
+    if not reason:
+        reason = " ".join(line for line in text.splitlines() if "weights_only" not in line).strip()
+    return reason or type(err).__name__
+
+
 def read_pickle(path: str | os.PathLike, what: str) -> object:
     """The object in a torch-pickled file, unpickled with the restricted (weights-only) unpickler."""
     path = require_file(path, what)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelFileError(
             f"{path} was refused because it holds more than tensors, dicts, lists, strings and numbers "
-            f"({first_line}); expected {what}."
+            f"({_unpickler_reason(err)}); expected {what}."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise ModelFileError(f"{path} is not a readable torch file ({err}); expected {what}.") from None

@@ -487,3 +487,15 @@ def test_a1111_route_answers_422_for_bombs_and_limits_and_honours_exif(webui):
     exif[0x0112] = 6  # rotate 90 degrees on display
     answer = webui.route(webui.UpscaleRequest(image=_encoded(photo, "JPEG", exif=exif.tobytes()), model="good", scale=2))
     assert Image.open(io.BytesIO(base64.b64decode(answer.image))).size == (8, 12)
+
+
+def test_a_refused_pickle_names_the_objection_without_torchs_unsafe_advice(tmp_path):
+    from d3sr_core.files import ModelFileError, read_pickle
+
+    junk = tmp_path / "junk.pkl"
+    junk.write_bytes(b"not a pickle at all" * 10)
+    with pytest.raises(ModelFileError) as refused:
+        read_pickle(junk, "an OSEDiff checkpoint")
+    message = str(refused.value)
+    assert "junk.pkl was refused" in message and "Unsupported operand" in message
+    assert "weights_only" not in message and "\n" not in message
