@@ -55,9 +55,8 @@ def _read_png16(path: Path) -> LoadedImage:
     return LoadedImage(pixels.contiguous(), 16)
 
 
-def read_image(path: str | os.PathLike) -> LoadedImage:
-    """Read an image file; EXIF orientation is applied. Raises :class:`ImageFileError` with one sentence."""
-    path = Path(path)
+def _checked_header(path: Path) -> tuple[int, int, int] | None:
+    """The PNG header of ``path`` (``None`` for other formats), after refusing a missing, empty or pixel-less file."""
     if not path.is_file():
         raise ImageFileError(f"{path} does not exist or is not a file; expected an image.")
     if path.stat().st_size == 0:
@@ -65,6 +64,13 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     header = _png_header(path)
     if header is not None and (header[0] == 0 or header[1] == 0):
         raise ImageFileError(f"{path} has no pixels ({header[0]}x{header[1]}).")
+    return header
+
+
+def read_image(path: str | os.PathLike) -> LoadedImage:
+    """Read an image file; EXIF orientation is applied. Raises :class:`ImageFileError` with one sentence."""
+    path = Path(path)
+    header = _checked_header(path)
     try:
         if header is not None and header[2] == 16:
             loaded = _read_png16(path)
@@ -152,13 +158,7 @@ def check_image(path: str | os.PathLike) -> None:
     chunks are checked against their CRCs, other formats are decoded (JPEG at 1/8 size, which still reads every
     byte). Raises :class:`ImageFileError` with one sentence naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageFileError(f"{path} does not exist or is not a file; expected an image.")
-    if path.stat().st_size == 0:
-        raise ImageFileError(f"{path} is empty (0 bytes); expected an image.")
-    header = _png_header(path)
-    if header is not None and (header[0] == 0 or header[1] == 0):
-        raise ImageFileError(f"{path} has no pixels ({header[0]}x{header[1]}).")
+    header = _checked_header(path)
     try:
         with Image.open(path) as im:
             if im.width == 0 or im.height == 0:
