@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from a1111_routes import registered_routes
 from d3sr_cli.main import main as d3sr
 from tiny_models import random_image, write_diffusers_base, write_osediff_pkl, write_sd3_base, write_tsdsr_dir
 
@@ -117,16 +118,8 @@ def test_extras_script_changes_image_and_infotext(ext):
 
 def test_api_route_answers_and_rejects_bad_requests(ext):
     from fastapi import HTTPException
-    from modules import script_callbacks
 
-    routes = {}
-
-    class App:
-        def add_api_route(self, path, endpoint, methods, response_model):
-            routes[path] = endpoint
-
-    for callback in script_callbacks.app_started_callbacks:
-        callback(None, App())
+    routes = registered_routes()
     endpoint = routes["/d3sr/v1/upscale"]
     buffer = io.BytesIO()
     photo().save(buffer, format="PNG")
@@ -188,16 +181,9 @@ def test_reforge_fixed_upscaler_list_gets_the_d3sr_upscalers_once(ext):
 
 
 def test_api_job_progress_is_never_negative(ext, monkeypatch):
-    from modules import script_callbacks, shared
+    from modules import shared
 
-    routes = {}
-
-    class App:
-        def add_api_route(self, path, endpoint, methods, response_model):
-            routes[path] = endpoint
-
-    for callback in script_callbacks.app_started_callbacks:
-        callback(None, App())
+    routes = registered_routes()
     seen = []
     real = ext.OneStepUpscaler.upscale_within_memory
 

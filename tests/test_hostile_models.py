@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import resource
 from pathlib import Path
 
 import pytest
 import torch
+from a1111_routes import registered_routes
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -410,14 +410,7 @@ def webui(micro_model, tmp_path, monkeypatch):
 
     for callback in script_callbacks.ui_settings_callbacks:
         callback()
-    routes = {}
-
-    class App:
-        def add_api_route(self, path, endpoint, methods, response_model):
-            routes[path] = endpoint
-
-    for callback in script_callbacks.app_started_callbacks:
-        callback(None, App())
+    routes = registered_routes()
     module.route = routes["/d3sr/v1/upscale"]
     module.files = files
     yield module
