@@ -15,6 +15,7 @@ from d3sr_core.files import ModelFileError
 from d3sr_core.image_io import IMAGE_SUFFIXES, ImageFileError
 from d3sr_core.metrics import ALL_METRICS
 from d3sr_core.files import FolderLockedError
+from d3sr_core.host_options import host_options
 from d3sr_core.options import (
     DEFAULT_MAX_OUTPUT_PIXELS,
     DEFAULT_MAX_SCALE,
@@ -22,7 +23,6 @@ from d3sr_core.options import (
     UPSAMPLERS,
     VAE_SAMPLE_MODES,
     UpscaleOptions,
-    vae_tile_sizes,
 )
 from d3sr_core.memory import fix_mmap_threshold
 from d3sr_core.tiled_vae import TILE_STORES
@@ -50,12 +50,15 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _options_from_args(args: argparse.Namespace, defaults: UpscaleOptions, vae_scale_factor: int) -> UpscaleOptions:
-    return defaults.updated(
-        scale=args.scale,
-        upsample=args.upsample,
+    # Tile values as in ComfyUI and A1111 (d3sr_core.host_options): unset or -1 the model's default, 0 off.
+    return host_options(
+        defaults,
+        vae_scale_factor,
         tile_size=args.tile_size,
         tile_overlap=args.tile_overlap,
-        **vae_tile_sizes(args.vae_tile_size, vae_scale_factor),
+        vae_tile_size=args.vae_tile_size,
+        scale=args.scale,
+        upsample=args.upsample,
         tile_batch_size=args.tile_batch_size,
         color_fix=args.color_fix,
         vae_sample=args.vae_sample,
@@ -81,11 +84,14 @@ def _add_upscale(sub) -> None:
     p.add_argument("--base-config", help="config folder for a single-file base that is not SD 2.1-base")
     p.add_argument("--scale", type=int, help="upscaling factor (default: the model's, 4 for OSEDiff)")
     p.add_argument("--upsample", choices=UPSAMPLERS, help="pre-upsampling filter (default: the method's)")
-    p.add_argument("--tile-size", type=int, help="latent tile size in latent pixels; 0 disables latent tiling")
-    p.add_argument("--tile-overlap", type=int, help="latent tile overlap in latent pixels")
-    p.add_argument(
-        "--vae-tile-size", type=int, help="VAE tile size in image pixels (decoder tiles cover as many); 0 disables"
-    )
+    p.add_argument("--tile-size", type=int,
+                   help="latent tile size in latent pixels; -1 (or unset) the model's default, 0 no latent tiling")
+    p.add_argument("--tile-overlap", type=int,
+                   help="latent tile overlap in latent pixels; -1 (or unset) the model's default, at most a third of a "
+                   "--tile-size you give")
+    p.add_argument("--vae-tile-size", type=int,
+                   help="VAE tile size in image pixels (decoder tiles cover as many); -1 (or unset) the model's "
+                   "default, 0 no VAE tiling")
     p.add_argument("--tile-batch-size", type=int, help="latent tiles per denoiser call")
     p.add_argument("--color-fix", choices=COLOR_FIXES, help="colour correction toward the input (default: the method's)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp32 on CPU, bf16/fp16 on GPU")

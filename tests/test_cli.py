@@ -232,3 +232,32 @@ def test_vae_tiles_waiting_on_disk_give_the_same_image(tmp_path, model, tiny_bas
         args = [tmp_path / "in.png", "-o", tmp_path / store, "--vae-tile-size", "64", "--vae-tile-store", store, "--scale", "2"]
         assert upscale(args, model, tiny_base_dir) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "ram" / "in.png")), np.asarray(Image.open(tmp_path / "disk" / "in.png")))
+
+
+def test_tile_values_mean_what_they_mean_in_every_host(tmp_path, model, tiny_base_dir, monkeypatch):
+    """Unset and -1: the model's default; 0: off; a small --tile-size gets an overlap that fits it (OSEDiff's 32 would
+    not), as in the ComfyUI node and the A1111 extension (d3sr_core.host_options). The options the model runs with
+    are recorded (the tiling itself is tested in test_tiling.py)."""
+    from d3sr_core.pipeline import Upscaler
+
+    captured = []
+
+    def record(self, images, options, *args, **kwargs):
+        captured.append(options)
+        return torch.zeros(*images.shape[:2], images.shape[2] * options.scale, images.shape[3] * options.scale)
+
+    monkeypatch.setattr(Upscaler, "upscale", record)
+    Image.fromarray((photo(24, 32) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    runs = [[], ["--tile-size", "-1", "--tile-overlap", "-1", "--vae-tile-size", "-1"], ["--tile-size", "0", "--vae-tile-size", "0"],
+            ["--tile-size", "8"], ["--tile-size", "16", "--tile-overlap", "4"]]
+    for index, extra in enumerate(runs):
+        assert upscale([tmp_path / "in.png", "-o", tmp_path / f"out{index}", "--scale", "2", *extra], model, tiny_base_dir) == 0
+    tiles = [(o.tile_size, o.tile_overlap, o.vae_encoder_tile_size, o.vae_decoder_tile_size) for o in captured]
+    assert tiles == [(96, 32, 1024, 224), (96, 32, 1024, 224), (0, 32, 0, 0), (8, 2, 1024, 224), (16, 4, 1024, 224)]
+
+
+def test_tile_value_below_minus_one_is_one_sentence(tmp_path, model, tiny_base_dir, capsys):
+    Image.fromarray((photo(16, 16) * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    assert upscale([tmp_path / "x.png", "-o", tmp_path / "out", "--tile-size", "-2"], model, tiny_base_dir) == 2
+    assert_one_error(capsys, "tile_size=-2 is not allowed", "-1 (the model's default), 0 (off)")
+    assert not (tmp_path / "out").exists()
