@@ -22,6 +22,7 @@ from d3sr_core.color import COLOR_FIXES
 from d3sr_core.generator import vae_scale_factor
 from d3sr_core.image_io import read_image, write_png
 from d3sr_core.loading import DEFAULT_MODEL, bundled_models, load_model
+from d3sr_core.lora import unwrapped_name
 from training import photos, teachers
 from training.config import load_config
 from training.data import SRPairDataset, clean_downscale
@@ -67,7 +68,7 @@ def small_config(method: str, preset: str, photo_dir: Path, *overrides: str) -> 
     return load_config(
         preset=preset,
         overrides=[f"data.hr_dir={photo_dir}", "train.batch_size=2", "data.num_workers=0", *overrides],
-        method_defaults=METHODS[method].defaults,
+        method_defaults=METHODS[method].defaults, other_sections=tuple(METHODS),
     )
 
 
@@ -235,7 +236,7 @@ def test_the_patch_autoencoder_is_exact_space_to_depth():
         PatchAutoencoder(patch_size=0)
 
 
-def test_two_stage_reproduction_trains_then_selects_a_checkpoint_on_validation_only(photo_dir, tmp_path):
+def test_three_stage_reproduction_trains_then_selects_a_model_on_validation_only(photo_dir, tmp_path):
     photos_root = tmp_path / "photos"
     shutil.copytree(photo_dir, photos_root / "train")
     for kind in ("hr", "lr_clean", "lr_degraded"):
@@ -245,26 +246,54 @@ def test_two_stage_reproduction_trains_then_selects_a_checkpoint_on_validation_o
         write_png(photos_root / "validation" / "hr" / f"v{i}.png", hr)
         write_png(photos_root / "validation" / "lr_clean" / f"v{i}.png", bicubic_downscale(hr, 4))
         write_png(photos_root / "validation" / "lr_degraded" / f"v{i}.png", evaluation_degradation(hr, 4, i))
-    overrides = ["train.max_steps=2", "train.batch_size=1", "data.num_workers=0", "train.checkpoint_every=1"]
+    _random_ncnn_weights(tmp_path / "realesrgan-x4plus.bin")
+    overrides = ["train.max_steps=2", "train.batch_size=1", "data.num_workers=0", "train.checkpoint_every=1",
+                 f"teacher.weights={tmp_path / 'realesrgan-x4plus.bin'}"]
     model = reproduce(photos_root, tmp_path / "runs", overrides)
-    report = json.loads((tmp_path / "runs" / "sr" / "selection.json").read_text())
-    assert sorted((c["step"], c["color_fix"]) for c in report["candidates"]) == [(s, c) for s in (1, 2) for c in sorted(COLOR_FIXES)]
-    assert set(report["bicubic"]) == {"clean", "degraded"} and model == tmp_path / "runs" / "sr" / "model_selected.safetensors"
+    report = json.loads((tmp_path / "runs" / "selection.json").read_text())
+    expected = [("sharp", s, c) for s in (1, 2) for c in COLOR_FIXES] + [("sr", 2, c) for c in COLOR_FIXES]
+    assert sorted((c["stage"], c["step"], c["color_fix"]) for c in report["candidates"]) == sorted(expected)
+    assert set(report["bicubic"]) == {"clean", "degraded"} and model == tmp_path / "runs" / "model_selected.safetensors"
     selected = report["selected"]
-    chosen = load_checkpoint(tmp_path / "runs" / "sr" / f"checkpoint-{selected['step']}" / "model.safetensors")
+    folder = tmp_path / "runs" / selected["stage"] / f"checkpoint-{selected['step']}"
+    chosen = load_checkpoint(folder / "model.safetensors")
     assert load_checkpoint(model).defaults == replace(chosen.defaults, color_fix=selected["color_fix"])
     prior_base = load_base(tmp_path / "runs" / "prior" / "base", load_text_encoder=False)
     assert isinstance(prior_base.vae, PatchAutoencoder) and prior_base.denoiser.config.in_channels == 48
     checkpoint = load_checkpoint(model)
     assert checkpoint.method == "d3sr" and checkpoint.base_configs is not None and checkpoint.timestep == 250
     assert checkpoint.base_configs["vae"]["autoencoder_type"] == "patch"
+    sharp_config = load_checkpoint(tmp_path / "runs" / "sharp" / "model.safetensors").training_config
+    assert sharp_config["teacher"]["network"] == "realesrgan_x4plus" and sharp_config["model"]["init_generator"] == "model.safetensors"
     # Finished stages are not run again.
-    stamp = (tmp_path / "runs" / "sr" / "model.safetensors").stat().st_mtime_ns
+    stamps = {s: (tmp_path / "runs" / s / "model.safetensors").stat().st_mtime_ns for s in ("sr", "sharp")}
     reproduce(photos_root, tmp_path / "runs", overrides)
-    assert (tmp_path / "runs" / "sr" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert {s: (tmp_path / "runs" / s / "model.safetensors").stat().st_mtime_ns for s in ("sr", "sharp")} == stamps
     out = tmp_path / "up"
     assert d3sr_main(["upscale", str(photo_dir / "p0.png"), "-o", str(out), "--model", str(model)]) == 0
     assert read_image(out / "p0.png").pixels.shape == (3, 384, 448)
+
+
+def test_a_later_stage_starts_from_an_earlier_stages_exported_generator(photo_dir, tmp_path):
+    first = small_config("d3sr", "tiny", photo_dir, "train.max_steps=2", "data.crop_size=32", "d3sr.perceptual=random",
+                         "train.ema_decay=0")
+    assert Trainer(first, tmp_path / "first").train() == "finished"
+    exported = load_checkpoint(tmp_path / "first" / "model.safetensors")
+    second = small_config("d3sr", "tiny", photo_dir, "data.crop_size=32", "d3sr.perceptual=random",
+                          f"model.init_generator={tmp_path / 'first' / 'model.safetensors'}")
+    trained = Trainer(second, tmp_path / "second").method.generator.trained_parameters()
+    assert trained and any(".lora_B." in k for k in trained)
+    for key, param in trained.items():
+        assert torch.equal(param.detach(), exported.tensors[unwrapped_name(key)])
+    assert any(exported.tensors[unwrapped_name(k)].abs().sum() > 0 for k in trained if ".lora_B." in k)
+    other_rank = small_config("d3sr", "tiny", photo_dir, "data.crop_size=32", "d3sr.perceptual=random", "d3sr.generator.lora_rank=2",
+                              f"model.init_generator={tmp_path / 'first' / 'model.safetensors'}")
+    with pytest.raises(ValueError, match="other LoRA adapters"):
+        Trainer(other_rank, tmp_path / "third")
+    other_base = small_config("d3sr", "tiny", photo_dir, "data.crop_size=32", "d3sr.perceptual=random", "seed=9",
+                              f"model.init_generator={tmp_path / 'first' / 'model.safetensors'}")
+    with pytest.raises(ValueError, match="another base"):
+        Trainer(other_base, tmp_path / "fourth")
 
 
 def test_selection_prefers_checkpoints_as_faithful_as_bicubic_then_the_lowest_st_lpips():

@@ -25,6 +25,9 @@ DEFAULTS: dict = {
         # model is then self-contained (the tiny preset, the bundled default model).
         "base_configs": None,
         "embed_base": False,  # store the base inside exported models even though it was loaded from model.base
+        # A model this trainer exported (same method, adapters and base) whose trained weights the generator starts
+        # from: a later stage fine-tuning an earlier stage's result with other losses or data.
+        "init_generator": None,
         "prompt": "",  # the fixed prompt the generator sees (D3SR uses no tagger)
         "negative_prompt": "",  # the unconditional side of classifier-free guidance (OSEDiff's teacher)
         "timestep": None,  # the generator's one timestep; None: the method's (999 on SD 2.x, 1000 = sigma 1 on SD3)

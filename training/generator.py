@@ -25,6 +25,7 @@ from d3sr_core.checkpoints import (
     TSDSR_TRANSFORMER_TARGETS,
     OneStepCheckpoint,
     generator_on_base,
+    load_checkpoint,
     save_checkpoint,
     write_tsdsr_dir,
 )
@@ -242,6 +243,28 @@ class TrainableGenerator(nn.Module):
         params = {f"{self.component}.{n}": p for n, p in self.generator.denoiser.named_parameters() if p.requires_grad}
         params.update({f"vae.{n}": p for n, p in self.generator.vae.named_parameters() if p.requires_grad})
         return params
+
+    def start_from_(self, path: str | Path) -> None:
+        """Set the trained weights to those of the model exported at ``path`` (a later stage fine-tuning an earlier
+        stage's result, ``model.init_generator``). The file must carry the same adapters and trained tensors, and
+        for an embedded base the same base weights: anything else is refused with one sentence."""
+        checkpoint = load_checkpoint(path)
+        mine = [a.to_json() for a in self.adapters]
+        if [a.to_json() for a in checkpoint.adapters] != mine:
+            raise ValueError(f"model.init_generator {path} carries other LoRA adapters (ranks, alphas or targets) than this run's generator.")
+        for key, original in self.training_base.original.items():
+            theirs = checkpoint.base_tensors.get(key)
+            if theirs is None or theirs.shape != original.shape or not torch.equal(theirs.to(original.dtype), original):
+                raise ValueError(f"model.init_generator {path} was trained on another base than model.base ({key} differs).")
+        trained = self.trained_parameters()
+        names = {unwrapped_name(k): k for k in trained}
+        if set(names) != set(checkpoint.tensors):
+            raise ValueError(f"model.init_generator {path} trains other weights than this run's generator (e.g. conv_in or the VAE encoder).")
+        with torch.no_grad():
+            for name, key in names.items():
+                if checkpoint.tensors[name].shape != trained[key].shape:
+                    raise ValueError(f"model.init_generator {path} holds {name} of shape {tuple(checkpoint.tensors[name].shape)}, expected {tuple(trained[key].shape)}.")
+                trained[key].copy_(checkpoint.tensors[name])
 
     def cast_frozen_(self, dtype: torch.dtype) -> None:
         """Store the frozen base weights in ``dtype`` (half precision saves memory); trained weights stay fp32."""

@@ -77,6 +77,8 @@ class OneStepMethod(TrainingMethod):
             vae_encoder_lora_alpha=gen["vae_encoder_lora_alpha"],
             train_conv_in=bool(gen["train_conv_in"]),
         )
+        if config["model"]["init_generator"] is not None:
+            self.generator.start_from_(config["model"]["init_generator"])
         check_crop_size(config["data"], self.training_base.base.vae)
         inference_defaults(config["model"], int(config["data"]["scale"]))  # refuse bad options before training
         self.conditioning = self.training_base.conditioning
