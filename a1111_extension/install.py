@@ -27,12 +27,12 @@ import launch
 
 PINNED_RELEASE = "d3sr==0.1.0"
 FALLBACK_REQUIREMENTS = ["diffusers>=0.30", "peft>=0.13", "transformers>=4.40", "safetensors>=0.4", "numpy>=1.24",
-                         "pillow>=9.5", "pypng>=0.20220715", "tqdm>=4.60"]
+                         "pillow>=9.5", "pypng>=0.20220715", "tqdm>=4.60", "pyyaml>=6"]
 """requirements.txt of this release, for an extension folder installed without its repository."""
 HOST_IMPORTS = ["torch", "transformers", "accelerate", "diffusers", "from diffusers import UNet2DConditionModel",
                 "from diffusers import AutoencoderKL", "peft", "safetensors", "PIL", "numpy"]
 """Imports the webui (or a builtin extension) relies on, tried before and after installing."""
-IMPORT_NAMES = {"pillow": "PIL", "pypng": "png"}
+IMPORT_NAMES = {"pillow": "PIL", "pypng": "png", "pyyaml": "yaml"}
 """Distribution -> the module it installs, where they differ."""
 OUR_IMPORTS = ["from d3sr_core.pipeline import Upscaler", "from d3sr_core.checkpoints import load_checkpoint"]
 MAX_TRIES = 4

@@ -63,6 +63,8 @@ def _options_from_args(args: argparse.Namespace, defaults: UpscaleOptions, vae_s
         color_fix=args.color_fix,
         vae_sample=args.vae_sample,
         seed=args.seed,
+        steps=args.steps,
+        chop_size=args.chop_size,
         vae_tile_store=args.vae_tile_store,
         max_scale=args.max_scale,
         max_output_pixels=args.max_output_pixels,
@@ -77,7 +79,8 @@ def _add_upscale(sub) -> None:
     )
     p.add_argument("inputs", nargs="+", help=f"image files or folders ({', '.join(IMAGE_SUFFIXES)})")
     p.add_argument("-o", "--output-dir", required=True, help="folder for the PNG results (<input name>.png)")
-    p.add_argument("--model", help="one-step checkpoint: ours (.safetensors), OSEDiff (.pkl) or a TSD-SR folder "
+    p.add_argument("--model", help="checkpoint: ours (.safetensors), OSEDiff (.pkl), a TSD-SR folder, or a ResShift "
+                   "/ TAD-SR UNet .pth (with --base autoencoder_vq_f4.pth and optionally --base-config, its official YAML) "
                    "(default: the bundled d3sr-small-x4)")
     p.add_argument("--embeddings", help="folder with TSD-SR's prompt_embeds.pt and pool_embeds.pt (default: --model)")
     p.add_argument("--base", help="base model: SD 2.x or SD3 diffusers folder, or single-file SD 2.x .safetensors/.ckpt")
@@ -96,7 +99,12 @@ def _add_upscale(sub) -> None:
     p.add_argument("--color-fix", choices=COLOR_FIXES, help="colour correction toward the input (default: the method's)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp32 on CPU, bf16/fp16 on GPU")
     p.add_argument("--vae-sample", choices=VAE_SAMPLE_MODES, help="posterior mode (deterministic) or a seeded sample")
-    p.add_argument("--seed", type=int, help="seed for --vae-sample sample")
+    p.add_argument("--seed", type=int, help="seed for --vae-sample sample, and for a ResShift / TAD-SR model's noise "
+                   "(default there 12345, as officially)")
+    p.add_argument("--steps", type=int, help="ResShift / TAD-SR sampling steps (default: the config's, 15 for realsr v1; "
+                   "1 is TAD-SR's one step at t = T-1; fewer respace the schedule, 4 of 15 visiting t = 11, 7, 3, 0)")
+    p.add_argument("--chop-size", type=int, help="ResShift / TAD-SR: run inputs with a side over this many pixels in "
+                   "overlapping patches (the official --chop_size, default 512, stride 448); 0 whole")
     p.add_argument("--prompt", help="text prompt (default: the embedding stored in the model, else empty)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     p.add_argument("--no-merge-lora", action="store_true", help="keep LoRA unmerged (slower; for debugging)")
@@ -115,10 +123,11 @@ def _add_upscale(sub) -> None:
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert an official checkpoint to the d3sr .safetensors format")
-    p.add_argument("source", help="OSEDiff .pkl, TSD-SR folder (or one of ours)")
+    p.add_argument("source", help="OSEDiff .pkl, TSD-SR folder, ResShift / TAD-SR .pth (or one of ours)")
     p.add_argument("-o", "--output", required=True, help="destination .safetensors")
     p.add_argument("--embeddings", help="folder with TSD-SR's prompt_embeds.pt and pool_embeds.pt (default: source)")
-    p.add_argument("--base", help="base model whose text encoder embeds --prompt into the checkpoint")
+    p.add_argument("--base", help="base model whose text encoder embeds --prompt into the checkpoint; for a ResShift / "
+                   "TAD-SR .pth its VQ autoencoder (autoencoder_vq_f4.pth), stored in the one file")
     p.add_argument("--base-config", help="config folder for a single-file base that is not SD 2.1-base")
     p.add_argument("--prompt", help="store this prompt's embedding, so inference needs no text encoder")
     p.set_defaults(run=run_convert)
@@ -313,7 +322,8 @@ def run_convert(args: argparse.Namespace) -> int:
         from d3sr_core.backbones import load_base
 
         prompt_embeds = load_base(args.base, args.base_config).encode_prompt(args.prompt)["prompt_embeds"]
-    out = convert_checkpoint(args.source, args.output, prompt_embeds=prompt_embeds, embeddings_dir=args.embeddings)
+    out = convert_checkpoint(args.source, args.output, prompt_embeds=prompt_embeds, embeddings_dir=args.embeddings,
+                             base=args.base, base_config=args.base_config)
     print(f"{args.source} -> {out}")
     return 0
 
@@ -330,7 +340,8 @@ def run_info(args: argparse.Namespace) -> int:
     info["file"] = str(args.model)
     info["file_format"] = (
         "TSD-SR folder" if Path(args.model).is_dir()
-        else "d3sr .safetensors" if Path(args.model).suffix == ".safetensors" else "OSEDiff .pkl"
+        else "d3sr .safetensors" if Path(args.model).suffix == ".safetensors"
+        else "ResShift / TAD-SR .pth" if checkpoint.method == "resshift" else "OSEDiff .pkl"
     )
     info["tensors"] = len(checkpoint.tensors)
     info["parameters"] = sum(t.numel() for t in checkpoint.tensors.values())

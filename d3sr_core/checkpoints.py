@@ -53,6 +53,15 @@ from .backbones import BaseModel
 from .backbones.base import FAMILIES
 from .backbones.sd2 import sd2_base_from_embedded
 from .backbones.sd3 import sd3_base_from_embedded
+from .backbones.resshift import (
+    check_official_buffer,
+    embedded_configs,
+    is_resshift_unet_state,
+    load_resshift_base,
+    load_unet_weights,
+    resshift_base_from_embedded,
+    unwrap_state_dict,
+)
 from .files import (
     PICKLE_SUFFIXES,
     ModelFileError,
@@ -63,6 +72,7 @@ from .files import (
     require_file,
 )
 from .generator import PREDICTION_TYPES, OneStepGenerator, alphas_cumprod_from_config
+from .residual_shift import ResShiftGenerator
 from .lora import (
     PEFT_DEFAULT_LORA_ALPHA,
     AdapterSpec,
@@ -83,6 +93,8 @@ FORMAT_VERSION = 1
 COMPONENTS = ("unet", "transformer", "vae")
 CONDITIONING_PREFIX = "conditioning."
 EMBEDDED_BASE_PREFIX = "base."
+CHECKPOINT_PREDICTION_TYPES = PREDICTION_TYPES + ("x_start",)
+"""What a checkpoint's denoiser predicts: the one-step kinds, or x_start (ResShift / TAD-SR)."""
 
 
 @dataclass
@@ -266,7 +278,7 @@ FIELDS_WHAT = {
     "format_version": "a whole number",
     "method": "a short name",
     "base_family": "a short name",
-    "prediction_type": f"one of {PREDICTION_TYPES}",
+    "prediction_type": f"one of {CHECKPOINT_PREDICTION_TYPES}",
     "timestep": f"a whole number from 0 to {MAX_TIMESTEP}",
     "scale": f"a whole number from 1 to the limit max_scale={DEFAULT_MAX_SCALE}",
     "adapters": "a JSON list of {name, component, rank, alpha, targets}",
@@ -284,8 +296,8 @@ def _short_name(text: str) -> str:
 
 
 def _prediction_type(text: str) -> str:
-    if text not in PREDICTION_TYPES:
-        raise ValueError(f"expected one of {PREDICTION_TYPES}")
+    if text not in CHECKPOINT_PREDICTION_TYPES:
+        raise ValueError(f"expected one of {CHECKPOINT_PREDICTION_TYPES}")
     return text
 
 
@@ -429,6 +441,67 @@ def check_lora_ranks(checkpoint: OneStepCheckpoint) -> None:
             raise ModelFileError(f"{source} declares the {spec.component} adapter {spec.name!r} but holds none of its LoRA weights.")
 
 
+def read_resshift_checkpoint(obj: object, path: str | os.PathLike) -> OneStepCheckpoint:
+    """An official ResShift or TAD-SR UNet ``.pth`` (already unpickled weights-only as ``obj``): ``{'state_dict': ...}``
+    or a raw (EMA) state dict, keys possibly prefixed by ``module.`` / ``_orig_mod.`` (reference/methods.md 3.1), as a
+    :class:`OneStepCheckpoint` of the whole UNet (``unet.<official name>``, no adapters).
+
+    The file also holds the Swin position indices and shift masks, which the architecture fixes: each is checked
+    against its computation and left out (the UNet computes its own). ``timestep`` is 0 until a config is known
+    (:func:`embed_resshift_base` sets it to TAD-SR's T - 1)."""
+    path = Path(path)
+    what = "a ResShift or TAD-SR UNet checkpoint (.pth)"
+    state = unwrap_state_dict(obj, path, what)
+    tensors = {}
+    for key, value in state.items():
+        if not check_official_buffer(key, value, path):
+            tensors["unet." + key] = value
+    check_tensors(path, tensors)
+    return OneStepCheckpoint(
+        method="resshift",
+        base_family="resshift",
+        prediction_type="x_start",
+        timestep=0,
+        adapters=[],
+        tensors=tensors,
+        defaults=PRESETS["resshift"],
+        source=path,
+    )
+
+
+def build_resshift_generator(checkpoint: OneStepCheckpoint, base: BaseModel) -> ResShiftGenerator:
+    """The ResShift generator of ``checkpoint``'s UNet (loaded strictly into the base's skeleton, which it becomes)
+    and ``base``'s VQ autoencoder and config."""
+    source = checkpoint.source or "the checkpoint"
+    foreign = sorted({k.split(".")[0] for k in checkpoint.tensors} - {"unet"})
+    if foreign or checkpoint.adapters:
+        what = f"{foreign[0]} weights" if foreign else "LoRA adapters"
+        raise ModelFileError(f"{source} has {what}; a ResShift model is its whole UNet and nothing else.")
+    state = {k[len("unet."):]: v for k, v in checkpoint.tensors.items()}
+    unet = load_unet_weights(base.denoiser, state, source, with_buffers=False)
+    return ResShiftGenerator(base.vae, unet, base.scheduler_config["resshift"]).eval().requires_grad_(False)
+
+
+def embed_resshift_base(
+    checkpoint: OneStepCheckpoint, base: str | os.PathLike | None, base_config: str | os.PathLike | None
+) -> None:
+    """Make a ResShift checkpoint self-contained: its VQ autoencoder (``base``, ``autoencoder_vq_f4.pth``) and config
+    (``base_config``, the official YAML; default the shipped realsr x4 v1) stored with it, after checking that the
+    UNet fits the config."""
+    source = checkpoint.source or "the checkpoint"
+    if base is None:
+        raise ModelFileError(
+            f"{source} is a ResShift UNet; converting it needs its VQ autoencoder (--base autoencoder_vq_f4.pth), "
+            "which the one file then holds."
+        )
+    loaded = load_resshift_base(base, base_config)
+    config = loaded.scheduler_config["resshift"]
+    build_resshift_generator(checkpoint, loaded)
+    checkpoint.base_configs = embedded_configs(config)
+    checkpoint.base_tensors = {"vae." + k: v for k, v in loaded.vae.state_dict().items()}
+    checkpoint.timestep = int(config["diffusion"]["steps"]) - 1
+
+
 OSEDIFF_KEYS = (
     "unet_lora_encoder_modules",
     "unet_lora_decoder_modules",
@@ -441,13 +514,14 @@ OSEDIFF_KEYS = (
 )
 
 
-def read_osediff_pkl(path: str | os.PathLike) -> OneStepCheckpoint:
-    """An official OSEDiff ``.pkl`` as a :class:`OneStepCheckpoint` (3 UNet adapters, 1 VAE-encoder adapter, full conv_in).
+def read_osediff_pkl(path: str | os.PathLike, obj: object = None) -> OneStepCheckpoint:
+    """An official OSEDiff ``.pkl`` as a :class:`OneStepCheckpoint` (3 UNet adapters, 1 VAE-encoder adapter, full conv_in);
+    ``obj``, when given, is the file's already unpickled content.
 
     Every field is checked (types, ranks against the LoRA tensors) before anything is built."""
     path = Path(path)
     what = "an OSEDiff checkpoint (.pkl written by OSEDiff_gen.save_model)"
-    obj = read_pickle(path, what)
+    obj = read_pickle(path, what) if obj is None else obj
     if not isinstance(obj, dict):
         raise ModelFileError(f"{path} holds {type(obj).__name__}, not a dict; expected {what}.")
     missing = [k for k in OSEDIFF_KEYS if k not in obj]
@@ -716,7 +790,7 @@ def embedded_base(checkpoint: OneStepCheckpoint) -> BaseModel:
     source = checkpoint.source or Path("the checkpoint")
     if checkpoint.base_configs is None:
         raise ModelFileError(f"{source} stores no base model; give the base it was trained on.")
-    builders = {"sd2": sd2_base_from_embedded, "sd3": sd3_base_from_embedded}
+    builders = {"sd2": sd2_base_from_embedded, "sd3": sd3_base_from_embedded, "resshift": resshift_base_from_embedded}
     if checkpoint.base_family not in builders:
         raise ModelFileError(f"{source} embeds a {checkpoint.base_family} base; only SD 2.x- and SD3-shaped bases can be embedded.")
     parts = ("transformer" if checkpoint.base_family == "sd3" else "unet", "vae", "scheduler")
@@ -743,7 +817,10 @@ def load_checkpoint(path: str | os.PathLike, *, embeddings_dir: str | os.PathLik
     if path.suffix == ".safetensors":
         return _read_ours(path)
     if path.suffix in PICKLE_SUFFIXES:
-        return read_osediff_pkl(path)
+        obj = read_pickle(path, expected)
+        if is_resshift_unet_state(obj):
+            return read_resshift_checkpoint(obj, path)
+        return read_osediff_pkl(path, obj)
     raise ModelFileError(f"{path} has an unknown extension; expected {expected}.")
 
 
@@ -753,9 +830,15 @@ def convert_checkpoint(
     *,
     prompt_embeds: torch.Tensor | None = None,
     embeddings_dir: str | os.PathLike | None = None,
+    base: str | os.PathLike | None = None,
+    base_config: str | os.PathLike | None = None,
 ) -> Path:
-    """Convert any readable checkpoint to ours; ``prompt_embeds`` ``(1, 77, D)`` is stored with it when given."""
+    """Convert any readable checkpoint to ours; ``prompt_embeds`` ``(1, 77, D)`` is stored with it when given. A
+    ResShift / TAD-SR UNet is stored with its VQ autoencoder ``base`` and config ``base_config``
+    (:func:`embed_resshift_base`), so the one file runs alone."""
     checkpoint = load_checkpoint(src, embeddings_dir=embeddings_dir)
+    if checkpoint.base_family == "resshift" and checkpoint.base_configs is None:
+        embed_resshift_base(checkpoint, base, base_config)
     if prompt_embeds is not None:
         checkpoint.conditioning["prompt_embeds"] = prompt_embeds
     return save_checkpoint(checkpoint, dst)
@@ -856,6 +939,8 @@ def build_generator(
     if checkpoint.base_family != base.family:
         made_for = FAMILIES.get(checkpoint.base_family, checkpoint.base_family)
         raise ModelFileError(f"{source} was made for base family {made_for}, but {base.source} is {FAMILIES[base.family]}.")
+    if base.family == "resshift":
+        return build_resshift_generator(checkpoint, base)
     config = base.scheduler_config
     if checkpoint.prediction_type != "flow" and config.get("prediction_type", "epsilon") != checkpoint.prediction_type:
         raise ModelFileError(

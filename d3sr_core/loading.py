@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .backbones import load_base
+from .backbones.resshift import load_resshift_base
 from .checkpoints import build_generator, embedded_base, load_checkpoint
 from .files import ModelFileError
 from .generator import OneStepGenerator
@@ -41,13 +42,17 @@ def load_model(
     """Read the checkpoint at ``model``, load its base, and build the generator (see ``checkpoints.build_generator``).
 
     A self-contained checkpoint brings its own base, and ``base`` is not used (no other base fits it); otherwise
-    the base at ``base`` is loaded, with its text encoder only when a prompt must be encoded.
+    the base at ``base`` is loaded, with its text encoder only when a prompt must be encoded. A ResShift / TAD-SR
+    UNet's base is its VQ autoencoder (``autoencoder_vq_f4.pth``), with ``base_config`` the official YAML config
+    (default: the shipped realsr x4 v1).
     """
     checkpoint = load_checkpoint(model, embeddings_dir=embeddings_dir)
     if checkpoint.base_configs is not None:
         loaded_base = embedded_base(checkpoint)
     elif base is None:
         raise ModelFileError(f"{model} needs the base model it was trained on, and none was given.")
+    elif checkpoint.base_family == "resshift":
+        loaded_base = load_resshift_base(base, base_config)
     else:
         needs_text = prompt is not None or not checkpoint.conditioning
         loaded_base = load_base(base, base_config, load_text_encoder=needs_text)

@@ -21,7 +21,9 @@ DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
 LIMIT_FIELDS = ("max_scale", "max_output_pixels")
 """Fields set by the user or host only: a model file's stored defaults never raise them."""
 _INT_FIELDS = ("scale", "min_process_side", "tile_size", "tile_overlap", "vae_encoder_tile_size",
-               "vae_decoder_tile_size", "tile_batch_size", "max_scale", "max_output_pixels")
+               "vae_decoder_tile_size", "tile_batch_size", "chop_size", "max_scale", "max_output_pixels")
+MAX_STEPS = 1000
+MIN_CHOP_SIZE = 64
 
 
 class LimitError(ValueError):
@@ -52,7 +54,14 @@ class UpscaleOptions:
         color_source: what the colours are taken from: ``upsampled`` (the pre-upsampled input, as OSEDiff) or
             ``input`` (as TSD-SR: the input itself for AdaIN, its PIL-bicubic upsampling for the wavelet fix).
         vae_sample: ``mode`` (deterministic) or ``sample`` (seeded with ``seed``).
-        seed: seeds the posterior sample.
+        seed: seeds the posterior sample, and the noise of a multi-step model (ResShift: ``torch.manual_seed(seed)``
+            then ``randn`` in the latent's shape on its device, as the official sampler draws it, once per image).
+        steps: sampling steps of a multi-step model (ResShift, TAD-SR); ``None`` takes the model's own (its config's
+            step count); 1 is TAD-SR's one step at t = T - 1; other counts respace the schedule. One-step models
+            ignore it.
+        chop_size: ResShift's chopping of the low-quality input (its ``--chop_size``): inputs with a side over this
+            many pixels run in overlapping patches of this size (stride 448 for 512, 224 for 256, 48 for 64, else
+            7/8 of it) whose results are averaged; 0 runs the whole image at once. One-step models ignore it.
         max_scale: the largest ``scale`` accepted (raise it to allow more).
         max_output_pixels: the most pixels an image may be processed at, the output or the larger processing size
             that ``min_process_side`` asks for (raise it to allow more). Checked by :meth:`check_size` before
@@ -73,6 +82,8 @@ class UpscaleOptions:
     color_source: str = "upsampled"
     vae_sample: str = "mode"
     seed: int | None = None
+    steps: int | None = None
+    chop_size: int = 0
     max_scale: int = DEFAULT_MAX_SCALE
     max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS
 
@@ -83,6 +94,9 @@ class UpscaleOptions:
                 raise ValueError(f"{name}={value!r} is not allowed; expected a whole number.")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed={self.seed!r} is not allowed; expected a whole number or None.")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or not 1 <= self.steps <= MAX_STEPS):
+            raise ValueError(f"steps={self.steps!r} is not allowed; expected None (the model's own) or 1 to {MAX_STEPS}.")
         if self.max_scale < 1 or self.max_output_pixels < 1:
             raise ValueError(f"max_scale={self.max_scale} and max_output_pixels={self.max_output_pixels} must be at least 1.")
         if self.scale > self.max_scale:
@@ -102,6 +116,7 @@ class UpscaleOptions:
              "vae_decoder_tile_size", "0 (off) or at least 8 latent pixels"),
             (self.tile_rule in TILE_RULES, "tile_rule", f"one of {TILE_RULES}"),
             (self.tile_batch_size >= 1, "tile_batch_size", "at least 1"),
+            (self.chop_size == 0 or self.chop_size >= MIN_CHOP_SIZE, "chop_size", f"0 (off) or at least {MIN_CHOP_SIZE} pixels"),
             (self.vae_tile_store in TILE_STORES, "vae_tile_store", f"one of {TILE_STORES}"),
             (self.color_fix in COLOR_FIXES, "color_fix", f"one of {COLOR_FIXES}"),
             (self.color_source in COLOR_SOURCES, "color_source", f"one of {COLOR_SOURCES}"),
@@ -157,7 +172,16 @@ PRESETS = {
         upsample="torch_bicubic", color_fix="wavelet", color_source="input", tile_size=64, tile_overlap=8,
         tile_rule="area", vae_encoder_tile_size=0, vae_decoder_tile_size=0,
     ),
+    # ResShift's inference_resshift.py (and TAD-SR's inference.py): x4 by its own torch bicubic upsampling inside the
+    # sampler, no colour fix, chopping at 512 (stride 448) instead of latent or VAE tiles, --seed 12345, the
+    # config's step count.
+    "resshift": UpscaleOptions(
+        upsample="torch_bicubic", min_process_side=0, color_fix="none", tile_size=0, vae_encoder_tile_size=0,
+        vae_decoder_tile_size=0, chop_size=512, seed=12345,
+    ),
 }
+# A TAD-SR student (what `d3sr train --method tadsr` makes of ResShift) runs its one step at t = T - 1.
+PRESETS["tadsr_resshift"] = replace(PRESETS["resshift"], steps=1)
 
 
 def vae_tile_sizes(pixels: int | None, vae_scale_factor: int) -> dict[str, int | None]:
@@ -175,14 +199,16 @@ MIN_VAE_DECODER_TILE_SIZE = 32
 
 
 def halved_tiles(options: UpscaleOptions) -> UpscaleOptions | None:
-    """``options`` with every tile halved (overlap kept below the tile), for a retry after running out of memory;
-    ``None`` when all tiles are already at their floor (16 latent, 256 image and 32 latent pixels)."""
+    """``options`` with every tile (and ResShift's chop) halved (overlap kept below the tile), for a retry after running
+    out of memory; ``None`` when all are already at their floor (16 latent, 256 image, 32 latent and 64 input pixels)."""
     tile = max(MIN_TILE_SIZE, options.tile_size // 2) if options.tile_size else MIN_TILE_SIZE * 4
     encoder = options.vae_encoder_tile_size
     encoder = max(MIN_VAE_ENCODER_TILE_SIZE, encoder // 2 // 8 * 8) if encoder else MIN_VAE_ENCODER_TILE_SIZE * 4
     decoder = options.vae_decoder_tile_size
     decoder = max(MIN_VAE_DECODER_TILE_SIZE, decoder // 2) if decoder else MIN_VAE_DECODER_TILE_SIZE * 4
-    if (tile, encoder, decoder) == (options.tile_size, options.vae_encoder_tile_size, options.vae_decoder_tile_size):
+    chop = max(MIN_CHOP_SIZE, options.chop_size // 2) if options.chop_size else MIN_CHOP_SIZE * 4
+    current = (options.tile_size, options.vae_encoder_tile_size, options.vae_decoder_tile_size, options.chop_size)
+    if (tile, encoder, decoder, chop) == current:
         return None
     return replace(
         options,
@@ -190,4 +216,5 @@ def halved_tiles(options: UpscaleOptions) -> UpscaleOptions | None:
         tile_overlap=min(options.tile_overlap, tile // 2),
         vae_encoder_tile_size=encoder,
         vae_decoder_tile_size=decoder,
+        chop_size=chop,
     )

@@ -16,6 +16,8 @@ from PIL import Image
 
 from .color import apply_color_fix
 from .generator import OneStepGenerator
+from .residual_shift import ResShiftGenerator
+from .resshift_pipeline import residual_shift_result, residual_shift_steps
 from .options import UpscaleOptions, halved_tiles
 from .winograd import WinogradConvolutions, nnpack_available
 
@@ -124,6 +126,8 @@ class Upscaler:
 
     def count_steps(self, height: int, width: int, options: UpscaleOptions) -> int:
         """How many progress steps (tiles) :meth:`upscale` takes for an ``height x width`` input."""
+        if isinstance(self.generator, ResShiftGenerator):
+            return residual_shift_steps(self.generator, height, width, options)
         f = self.generator.pixel_multiple
         ph, pw = (-(-s // f) * f for s in processing_size(height, width, options))
         return self._count(ph, pw, options)
@@ -148,6 +152,8 @@ class Upscaler:
         """
         if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
             raise ValueError(f"images must be (B, C, H, W) with C in 1, 3, 4; got shape {tuple(images.shape)}.")
+        if isinstance(self.generator, ResShiftGenerator):  # no VAE tiles to park: its chopping bounds memory
+            options = options.updated(vae_tile_store="ram")
         batch, channels, height, width = images.shape
         if height == 0 or width == 0 or batch == 0:
             raise ValueError(f"images must have at least one pixel; got shape {tuple(images.shape)}.")
@@ -159,7 +165,10 @@ class Upscaler:
         out_size = (height * options.scale, width * options.scale)
         upsample = UPSAMPLE_FNS[options.upsample]
         source = upsample(rgb, process_size)
-        result = self._run(source, options, progress)
+        if isinstance(self.generator, ResShiftGenerator):  # conditioned on the input itself, chopped its own way
+            result = residual_shift_result(self.generator, rgb, process_size, options, self.device, progress)
+        else:
+            result = self._run(source, options, progress)
         if options.color_source == "upsampled":
             reference = source
         else:

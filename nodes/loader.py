@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from comfy_api.latest import io
 
 from d3sr_core.backbones import load_base
+from d3sr_core.backbones.resshift import load_resshift_base
 from d3sr_core.backbones.sd2 import sd2_base_from_ldm_state_dict
 from d3sr_core.checkpoints import build_generator, embedded_base, embeds_base, load_checkpoint, peek
 from d3sr_core.files import ModelFileError
@@ -109,6 +110,8 @@ class ModelLoader(io.ComfyNode):
                     f"{model_name} needs its base model: pick it in base_name, or connect the MODEL and VAE of a checkpoint loader."
                 )
             base = sd2_base_from_ldm_state_dict(graph_state_dict(model, vae), "the connected MODEL and VAE")
+        elif checkpoint.base_family == "resshift":  # an official ResShift / TAD-SR UNet: its base is the VQ-f4 file
+            base = load_resshift_base(base_path(base_name))
         else:
             base = load_base(base_path(base_name), load_text_encoder=not checkpoint.conditioning)
         return io.NodeOutput(LoadedModel(build_generator(checkpoint, base), checkpoint.defaults, precision))

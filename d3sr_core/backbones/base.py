@@ -34,7 +34,7 @@ def from_pretrained(cls, folder: Path, subfolder: str, what: str):
         raise ModelFileError(f"{folder / subfolder} could not be loaded ({first_line}); expected {what}.") from None
 
 
-FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3"}
+FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3", "resshift": "ResShift"}
 """Base-model families and their display names."""
 
 
