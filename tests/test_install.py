@@ -55,7 +55,13 @@ def test_every_declared_dependency_is_imported_by_the_library_or_the_command_lin
 
 
 def test_registry_metadata_and_license():
-    assert PYPROJECT["project"]["urls"]["Repository"].startswith("https://github.com/")
-    assert PYPROJECT["tool"]["comfy"]["Icon"].endswith("/icon.png") and (ROOT / "icon.png").is_file()
+    repository = PYPROJECT["project"]["urls"]["Repository"]
+    assert repository.startswith("https://github.com/")
+    owner_name = repository.removeprefix("https://github.com/")
+    assert PYPROJECT["project"]["urls"]["Issues"] == repository + "/issues"
+    assert PYPROJECT["tool"]["comfy"]["Icon"] == f"https://raw.githubusercontent.com/{owner_name}/main/icon.png"
+    assert (ROOT / "icon.png").is_file()
+    # No public repository exists yet: the README says the address is a placeholder, wherever it names it.
+    assert f"`{repository}`, is a **placeholder**" in " ".join(README.split())
     assert PYPROJECT["project"]["license"] == "Apache-2.0"
     assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0, January 2004" in (ROOT / "LICENSE").read_text()
