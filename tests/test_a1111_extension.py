@@ -300,3 +300,101 @@ def test_install_enforces_the_floors_and_leaves_satisfied_packages_alone(monkeyp
     monkeypatch.setattr(sys.modules["launch"], "is_installed", lambda name: name in state or name == "d3sr_core")
     ins.main()
     assert state["diffusers"] == "0.35.2" and len(calls) == 1 and calls[0].startswith('install "diffusers>=0.30"')
+
+
+def serve_stand_in_webui(ext, tamper=0):
+    """A stand-in webui over HTTP for tests/manual_webui_check.py: /sdapi/v1/upscalers and /sdapi/v1/extra-single-image
+    read and answer the fields of Forge's and A1111's modules/api (UpscalerItem; ExtrasSingleImageRequest's image,
+    upscaler_1, upscaling_resize) and run the extension's upscaler through the webui's Upscaler.upscale loop;
+    /d3sr/v1/upscale is the extension's route. ``tamper`` levels are added to extra-single-image's pixels."""
+    import http.server
+    import json
+    import threading
+
+    route = registered_routes()["/d3sr/v1/upscale"]
+
+    def encode(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self, body):
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            scalers = ext.UpscalerD3SR(None).scalers
+            self.answer([{"name": s.name, "model_name": None, "model_path": s.data_path, "model_url": None, "scale": s.scale}
+                         for s in scalers])
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/d3sr/v1/upscale":
+                return self.answer(route(ext.UpscaleRequest(**body)).model_dump())
+            scaler = next(s for s in ext.UpscalerD3SR(None).scalers if s.name == body["upscaler_1"])
+            image = Image.open(io.BytesIO(base64.b64decode(body["image"]))).convert("RGB")
+            result = scaler.scaler.upscale(image, body["upscaling_resize"], scaler.data_path)
+            pixels = np.clip(np.asarray(result).astype(int) + tamper, 0, 255).astype(np.uint8)
+            self.answer({"image": encode(Image.fromarray(pixels)), "html_info": ""})
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_manual_webui_check_passes_on_the_stand_in_and_catches_a_wrong_image(ext):
+    import manual_webui_check as check
+
+    server = serve_stand_in_webui(ext)
+    try:
+        lines = check.check_api(f"http://127.0.0.1:{server.server_port}", tolerance=1, wait=5)
+    finally:
+        server.shutdown()
+    assert len(lines) == 3 and all(line.startswith("ok: ") for line in lines), lines
+    assert "448x296, within 0 level(s)" in lines[1]
+    server = serve_stand_in_webui(ext, tamper=3)
+    try:
+        with pytest.raises(check.CheckFailed, match="extra-single-image differs from d3sr upscale by up to 3 levels"):
+            check.check_api(f"http://127.0.0.1:{server.server_port}", tolerance=1, wait=5)
+    finally:
+        server.shutdown()
+
+
+def test_manual_webui_check_names_every_package_install_py_moved():
+    import manual_webui_check as check
+
+    before = {"accelerate": "0.21.0", "peft": "0.10.0", "torch": "2.3.1"}
+    after = {"accelerate": "0.21.0", "peft": "0.15.2", "d3sr": "0.1.0"}
+    assert check.moved_packages(before, after) == {"peft": ("0.10.0", "0.15.2"), "torch": ("2.3.1", None)}
+    assert check.moved_packages(before, {**before, "pypng": "0.20220715.0"}) == {}
+
+
+def test_manual_webui_check_runs_install_py_as_the_launcher_does(tmp_path):
+    """The install check over a webui folder whose launch.py is a stand-in (this environment already has what the core
+    needs, so install.py must not call pip): the extension is linked, install.py imports the webui's launch module
+    from the webui folder, and no package moves."""
+    import manual_webui_check as check
+
+    webui = tmp_path / "webui"
+    (webui / "modules").mkdir(parents=True)
+    (webui / "launch.py").write_text(
+        "import importlib.util\n"
+        "def is_installed(name):\n    return importlib.util.find_spec(name) is not None\n"
+        "def run_pip(command, desc=None):\n    raise RuntimeError('pip was called: ' + command)\n"
+    )
+    lines = check.check_install(webui, sys.executable)
+    assert (webui / "extensions" / "d3sr").resolve() == (ROOT / "a1111_extension").resolve()
+    assert any(line.startswith("ok: no package of the webui moved") for line in lines), lines
+    assert not any("pip was called" in line for line in lines), lines
+    (webui / "extensions" / "d3sr").unlink()
+    (webui / "extensions" / "d3sr").mkdir()
+    with pytest.raises(check.CheckFailed, match="is not a link to"):
+        check.check_install(webui, sys.executable)

@@ -239,3 +239,88 @@ def test_example_workflows_are_consistent(comfy):
             )
             assert len(node.get("widgets_values", [])) == len(widget_inputs) + extra, (path.name, node["type"])
         assert (path.with_suffix(".png")).is_file() or (path.with_suffix(".jpg")).is_file(), f"{path.name} has no thumbnail"
+
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def api_prompt_of(graph: dict, info: dict) -> dict:
+    """The API prompt the frontend sends for a UI-format graph when Run is pressed (its ``graphToPrompt``): a linked
+    input becomes ``[source id, slot]``, the widget inputs take ``widgets_values`` in declaration order, skipping
+    the values of the widgets the frontend adds itself (a seed's "control after generate", LoadImage's upload)."""
+    links = {link[0]: link for link in graph["links"]}
+    prompt = {}
+    for node in graph["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = iter(node.get("widgets_values", []))
+        inputs = {}
+        spec = info[node["type"]]["input"]
+        for name, value in [item for section in ("required", "optional") for item in spec.get(section, {}).items()]:
+            options = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
+            if name in linked:
+                inputs[name] = [str(linked[name][1]), linked[name][2]]
+            elif isinstance(value[0], list) or value[0] in WIDGET_TYPES:
+                inputs[name] = next(values)
+                for added in ("control_after_generate", "image_upload"):
+                    if options.get(added):
+                        next(values)
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def test_each_ui_template_sends_its_api_copy(comfy):
+    """What Run sends for each UI-format template is its API copy, the prompt test_every_example_workflow_runs runs:
+    the first template, opened as it is, runs with no edit."""
+    info = comfy.get("/object_info")
+    for path in sorted((ROOT / "workflows").glob("*.json")):
+        api = json.loads((ROOT / "workflows" / "api" / path.name).read_text())
+        assert api_prompt_of(json.loads(path.read_text()), info) == api, path.name
+
+
+# What the frontend's Missing Models dialog makes of a workflow's model entries. ComfyUI_frontend 1.32.9 (the one CI's
+# ComfyUI ships; src/scripts/app.ts loadGraphData, src/workbench/utils/modelMetadataUtil.ts,
+# src/components/dialog/content/MissingModelsWarning.vue): the node's properties.models whose name is one of its
+# widget values, plus the workflow's top-level models, one per url; a row per model not in its folder; a download
+# button only for Hugging Face / Civitai addresses of .safetensors / .sft files, else the address with a note.
+# The newest frontend (src/platform/missingModel/missingModelScan.ts, missingModelsUtils.ts) starts from the combo
+# values that look like model files (by extension) and are not among the options, takes url and directory from the
+# same entries, and also downloads .ckpt / .pt / .pth.
+DOWNLOAD_SOURCES = ("https://civitai.com/", "https://huggingface.co/")
+DOWNLOAD_SUFFIXES = {"1.32": (".safetensors", ".sft"), "newest": (".safetensors", ".sft", ".ckpt", ".pth", ".pt")}
+SCANNED_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".onnx", ".gguf")
+
+
+def missing_model_rows(graph: dict, frontend: str) -> dict:
+    """``{(directory, name): "download" | "address"}``: the dialog's rows for ``graph`` on a fresh install (no model
+    placed), as ``frontend`` ("1.32" or "newest") builds them."""
+    declared = []
+    for node in graph["nodes"]:
+        values = {v for v in node.get("widgets_values", []) if isinstance(v, str)}
+        candidates = values if frontend == "1.32" else {v for v in values if v.lower().endswith(SCANNED_SUFFIXES)}
+        declared += [m for m in node.get("properties", {}).get("models", []) if m["name"] in candidates]
+    if frontend == "1.32":
+        declared += graph.get("models", [])
+    rows = {}
+    for model in {m["url"]: m for m in reversed(declared)}.values():
+        downloadable = model["url"].startswith(DOWNLOAD_SOURCES) and model["name"].endswith(DOWNLOAD_SUFFIXES[frontend])
+        rows[(model["directory"], model["name"])] = "download" if downloadable else "address"
+    return rows
+
+
+def test_missing_models_dialog_lists_each_template_s_files(comfy):
+    """On a fresh install the OSEDiff and TSD-SR templates list their files with a download button (the SD 2.1-base
+    file on Hugging Face) or their address (the official weights are on GitHub and Google Drive, which the frontend
+    does not download from); the folders exist on the server, and a placed file is found under the listed name."""
+    graphs = {path.stem: json.loads(path.read_text()) for path in (ROOT / "workflows").glob("*.json")}
+    base = ("checkpoints", "v2-1_512-ema-pruned.safetensors")
+    for frontend in ("1.32", "newest"):
+        assert missing_model_rows(graphs["d3sr_small_x4_upscale"], frontend) == {}
+        osediff = {base: "download"} | ({("d3sr", "osediff.pkl"): "address"} if frontend == "1.32" else {})
+        assert missing_model_rows(graphs["osediff_upscale"], frontend) == osediff, frontend
+        assert missing_model_rows(graphs["tsdsr_upscale"], frontend) == {("d3sr", "tsdsr/transformer.safetensors"): "address"}
+    folders = {folder["name"] for folder in comfy.get("/experiment/models")}
+    assert {"d3sr", "checkpoints"} <= folders
+    placed = {entry["name"].replace("\\", "/") for entry in comfy.get("/experiment/models/d3sr")}
+    assert {"osediff.pkl", "tsdsr/transformer.safetensors"} <= placed  # the fixture placed them under these names
