@@ -9,6 +9,9 @@ import torch
 from tiny_models import write_diffusers_base
 
 DEVICE_VARIABLE = "D3SR_TEST_DEVICE"
+# The suite's numbers must not depend on the CPU it runs on: `dtype="auto"` stays fp32 even on CPUs with native bf16
+# (inherited by the real ComfyUI and webui processes the suite starts); tests/test_cpu_dtype.py covers the bf16 choice.
+os.environ.setdefault("D3SR_CPU_BF16", "0")
 
 
 def pytest_configure(config):
