@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from bounds import RELATIVE_REORDER
 from d3sr_core.discriminators import DiffusionDiscriminator, discriminator_lora_targets, sample_timesteps
 from d3sr_core.kohya import kohya_unet_lora
 from d3sr_core.lora import AdapterSpec, add_adapters, merge_adapters
@@ -119,7 +120,7 @@ def test_discriminator_is_the_unets_encoder_half_with_lora_and_a_patch_head():
         features = disc.features(latents, t, context)
         logits = disc(latents, t, context)
     # LoRA starts as a no-op (B = 0): the features are the pretrained UNet's own mid-block output.
-    torch.testing.assert_close(features, captured["mid"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(features, captured["mid"], rtol=0, atol=RELATIVE_REORDER * captured["mid"].abs().max().item())
     assert logits.shape == (2, 1, 8, 8)
 
     targets = discriminator_lora_targets(reference)
