@@ -180,8 +180,6 @@ PRESETS = {
         vae_decoder_tile_size=0, chop_size=512, seed=12345,
     ),
 }
-# A TAD-SR student (what `d3sr train --method tadsr` makes of ResShift) runs its one step at t = T - 1.
-PRESETS["tadsr_resshift"] = replace(PRESETS["resshift"], steps=1)
 
 
 def vae_tile_sizes(pixels: int | None, vae_scale_factor: int) -> dict[str, int | None]:

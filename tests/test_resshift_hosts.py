@@ -5,6 +5,7 @@ pixels as the core."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -28,6 +29,8 @@ def models(tmp_path_factory):
     (root / "checkpoints").mkdir()
     assert d3sr(["convert", str(files["unet"]), "--base", str(files["vq"]), "--base-config", str(files["config"]),
                  "-o", str(root / "d3sr" / "resshift.safetensors")]) == 0
+    shutil.copy(files["unet"], root / "d3sr" / "resshift_official.pth")
+    shutil.copy(files["vq"], root / "checkpoints" / "autoencoder_vq_f4.pth")
     return root
 
 
@@ -95,3 +98,15 @@ def test_comfyui_loader_and_upscale_node_run_the_converted_model(pack, models): 
     core = load_model(models / "d3sr" / "resshift.safetensors")
     expected = Upscaler(core.generator, dtype="fp32").upscale(image.movedim(-1, 1), core.defaults)
     assert torch.equal(out, expected.movedim(1, -1))
+
+
+def test_comfyui_loader_takes_an_official_pth_with_the_vq_file_as_its_base(pack):  # noqa: F811
+    """The official layout in models/d3sr and models/checkpoints reaches the ResShift loader, which reads the VQ file
+    with the shipped realsr v1 config; the tiny files do not fit that full-size config, and it says so."""
+    from d3sr_core.files import ModelFileError
+
+    loader = pack.NODE_CLASS_MAPPINGS["D3SRModelLoader"]
+    assert "resshift_official.pth" in inputs_of(loader)["model_name"].options
+    assert "autoencoder_vq_f4.pth" in inputs_of(loader)["base_name"].options
+    with pytest.raises(ModelFileError, match="autoencoder_vq_f4.pth does not hold the weights of the VQ autoencoder config"):
+        loader.execute("resshift_official.pth", "autoencoder_vq_f4.pth", "fp32")
