@@ -83,8 +83,10 @@ def _add_upscale(sub) -> None:
                    "/ TAD-SR UNet .pth (with --base autoencoder_vq_f4.pth and optionally --base-config, its official YAML) "
                    "(default: the bundled d3sr-small-x4)")
     p.add_argument("--embeddings", help="folder with TSD-SR's prompt_embeds.pt and pool_embeds.pt (default: --model)")
-    p.add_argument("--base", help="base model: SD 2.x or SD3 diffusers folder, or single-file SD 2.x .safetensors/.ckpt")
-    p.add_argument("--base-config", help="config folder for a single-file base that is not SD 2.1-base")
+    p.add_argument("--base", help="base model: SD 2.x or SD3 diffusers folder, single-file SD 2.x .safetensors/.ckpt, or "
+                   "single-file SD3 .safetensors in Stability's layout (sd3_medium.safetensors, with or without text encoders)")
+    p.add_argument("--base-config", help="config folder for a single-file base that is not SD 2.1-base (unet.json, vae.json, "
+                   "scheduler.json) or not SD3-medium (transformer.json, vae.json, scheduler.json)")
     p.add_argument("--scale", type=int, help="upscaling factor (default: the model's, 4 for OSEDiff)")
     p.add_argument("--upsample", choices=UPSAMPLERS, help="pre-upsampling filter (default: the method's)")
     p.add_argument("--tile-size", type=int,

@@ -53,6 +53,7 @@ from .backbones import BaseModel
 from .backbones.base import FAMILIES
 from .backbones.sd2 import sd2_base_from_embedded
 from .backbones.sd3 import sd3_base_from_embedded
+from .borrowed import own_weights, release
 from .backbones.resshift import (
     check_official_buffer,
     embedded_configs,
@@ -844,21 +845,30 @@ def convert_checkpoint(
     return save_checkpoint(checkpoint, dst)
 
 
-def _load_component(model: torch.nn.Module, component: str, checkpoint: OneStepCheckpoint) -> None:
-    """Add the component's adapters to ``model`` and copy every checkpoint tensor of the component into it."""
+def _load_component(model: torch.nn.Module, component: str, checkpoint: OneStepCheckpoint, merge_lora: bool) -> None:
+    """Add the component's adapters to ``model`` and copy every checkpoint tensor of the component into it.
+
+    The layers that change (fully replaced weights, and LoRA layers when ``merge_lora``) get their own float32 copy
+    first (``borrowed.own_weights``): a base borrowed from a host is never written to, and a base stored in fp16,
+    bf16 or fp8 is merged in float32 as a diffusers folder (which loads in float32) is."""
     source = checkpoint.source or "the checkpoint"
     specs = [s for s in checkpoint.adapters if s.component == component]
-    _check_lora_fits(model, component, specs, checkpoint)
+    lora_layers = _check_lora_fits(model, component, specs, checkpoint)
+    prefix = component + "."
+    given = {k[len(prefix):]: v for k, v in checkpoint.tensors.items() if k.startswith(prefix)}
+    given_lora = {k for k in given if ".lora_A." in k or ".lora_B." in k}
+    replaced = {k.rpartition(".")[0] for k in given if k not in given_lora and _has_module(model, k)}
+    own_weights(model, replaced | (lora_layers if merge_lora else set()))
     try:
         add_adapters(model, specs)
     except ValueError as err:  # peft: no target matched
         raise ModelFileError(
             f"{source} has a {component} adapter whose targets match no module of the base model ({err})."
         ) from None
-    prefix = component + "."
-    given = {k[len(prefix):]: v for k, v in checkpoint.tensors.items() if k.startswith(prefix)}
+    for name, parameter in model.named_parameters():
+        if (".lora_A." in name or ".lora_B." in name) and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()  # peft gives adapters the base layer's dtype, fp8 included
     expected_lora = lora_state_keys(model)
-    given_lora = {k for k in given if ".lora_A." in k or ".lora_B." in k}
     for missing in sorted(expected_lora - given_lora)[:1]:
         raise ModelFileError(f"{source} lacks the {component} LoRA weight {missing!r} that its adapter list implies.")
     params = dict(model.named_parameters())
@@ -885,15 +895,18 @@ def _in_out(module: torch.nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _check_lora_fits(model: torch.nn.Module, component: str, specs: list[AdapterSpec], checkpoint: OneStepCheckpoint) -> None:
+def _check_lora_fits(model: torch.nn.Module, component: str, specs: list[AdapterSpec], checkpoint: OneStepCheckpoint) -> set[str]:
     """Before any adapter is added (which allocates ``rank x features`` per layer): every layer an adapter's targets
     name (peft's rule: the name, or a name ending in ``.target``) must have its ``lora_A`` and ``lora_B`` in the
     checkpoint with the base layer's in/out sizes and the adapter's rank. So what is allocated is what the file
-    holds, and a forged rank, a rank mismatch or a foreign base is one sentence that says which."""
+    holds, and a forged rank, a rank mismatch or a foreign base is one sentence that says which. Returns the names
+    of the layers the adapters change."""
     source = checkpoint.source or "the checkpoint"
     layers = {name: _in_out(m) for name, m in model.named_modules() if _in_out(m) is not None}
+    changed = set()
     for spec in specs:
         matched = [n for n in layers if any(n == t or n.endswith("." + t) for t in spec.targets)]
+        changed.update(matched)
         for name in matched:
             (n_in, n_out), prefix = layers[name], f"{component}.{name}"
             a = checkpoint.tensors.get(f"{prefix}.lora_A.{spec.name}.weight")
@@ -911,6 +924,7 @@ def _check_lora_fits(model: torch.nn.Module, component: str, specs: list[Adapter
                     f"{source} has {component} LoRA weights for {name!r} of {a.shape[1]} inputs and {b.shape[0]} outputs, "
                     f"but that layer of the base model has {n_in} and {n_out}: the checkpoint was made for a different base model."
                 )
+    return changed
 
 
 def _has_module(model: torch.nn.Module, key: str) -> bool:
@@ -958,8 +972,8 @@ def build_generator(
     foreign = sorted({k.split(".")[0] for k in checkpoint.tensors} - {base.denoiser_component, "vae"})
     if foreign:
         raise ModelFileError(f"{source} has {foreign[0]} weights, but {base.source} has no {foreign[0]}.")
-    _load_component(base.denoiser, base.denoiser_component, checkpoint)
-    _load_component(base.vae, "vae", checkpoint)
+    _load_component(base.denoiser, base.denoiser_component, checkpoint, merge_lora)
+    _load_component(base.vae, "vae", checkpoint, merge_lora)
     if prompt is not None or not checkpoint.conditioning:
         conditioning = base.encode_prompt(prompt or "")
     else:
@@ -978,6 +992,8 @@ def build_generator(
     if merge_lora:
         merge_adapters(base.denoiser)
         merge_adapters(base.vae)
+    release(base.denoiser)  # what is still borrowed from a host is read again at each run, never kept
+    release(base.vae)
     return generator.eval().requires_grad_(False)
 
 

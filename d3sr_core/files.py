@@ -14,7 +14,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -47,13 +47,16 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors (on the CPU) and the ``__metadata__`` of a ``.safetensors`` file."""
+def read_safetensors(
+    path: str | os.PathLike, what: str, keep: Callable[[str], bool] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (on the CPU) and the ``__metadata__`` of a ``.safetensors`` file; with ``keep``, only the tensors
+    whose names it accepts are read (a checkpoint's text encoders can be gigabytes that are never needed)."""
     path = require_file(path, what)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"{path} is not a readable .safetensors file ({err}); expected {what}.") from None
     return tensors, metadata

@@ -16,6 +16,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .backbones.base import PredictFn
+from .borrowed import compute_dtype
 from .tiled_vae import count_norms, count_vae_tiles, decoder_steps, encoder_steps, tiled_vae_apply
 from .tiling import count_latent_tiles, gaussian_blend_predictions, latent_tile_shape
 
@@ -142,12 +143,11 @@ class OneStepGenerator(torch.nn.Module):
 
     @property
     def denoiser_dtype(self) -> torch.dtype:
-        return next(self.denoiser.parameters()).dtype
+        return compute_dtype(self.denoiser)  # not always its weights' dtype: fp8 and borrowed weights are cast on use
 
     @property
     def vae_dtype(self) -> torch.dtype:
-        first = next(self.vae.parameters(), None)
-        return torch.float32 if first is None else first.dtype  # a weightless autoencoder works in float32
+        return compute_dtype(self.vae)  # a weightless autoencoder works in float32
 
     def encode_moments(self, image: torch.Tensor) -> torch.Tensor:
         """VAE posterior moments ``(B, 2*C, H/f, W/f)`` (f = ``vae_scale_factor``, 8 for SD) (mean and log-variance) of ``image`` ``(B, 3, H, W)`` in [-1, 1]."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .borrowed import place_for_run, weights_bound
 from .color import apply_color_fix
 from .generator import OneStepGenerator
 from .residual_shift import ResShiftGenerator
@@ -137,9 +138,7 @@ class Upscaler:
         self.winograd = winograd
         self.generator = generator
         for module, dtype in ((generator.denoiser, denoiser_dtype), (generator.vae, vae_dtype)):
-            first = next(module.parameters(), None)  # None: a weightless autoencoder (PatchAutoencoder)
-            if first is not None and (first.device != self.device or first.dtype != dtype):
-                module.to(device=self.device, dtype=dtype)
+            place_for_run(module, self.device, dtype)  # fp8 and a host's borrowed weights are cast on use
 
     def count_steps(self, height: int, width: int, options: UpscaleOptions) -> int:
         """How many progress steps (tiles) :meth:`upscale` takes for an ``height x width`` input."""
@@ -182,10 +181,11 @@ class Upscaler:
         out_size = (height * options.scale, width * options.scale)
         upsample = UPSAMPLE_FNS[options.upsample]
         source = upsample(rgb, process_size)
-        if isinstance(self.generator, ResShiftGenerator):  # conditioned on the input itself, chopped its own way
-            result = residual_shift_result(self.generator, rgb, process_size, options, self.device, progress)
-        else:
-            result = self._run(source, options, progress)
+        with weights_bound(self.generator.denoiser, self.generator.vae):  # a host's weights, as it holds them now
+            if isinstance(self.generator, ResShiftGenerator):  # conditioned on the input itself, chopped its own way
+                result = residual_shift_result(self.generator, rgb, process_size, options, self.device, progress)
+            else:
+                result = self._run(source, options, progress)
         if options.color_source == "upsampled":
             reference = source
         else:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .borrowed import materialized
 from .files import sweep_stale_temporaries, temporary_folder
 
 TILE_FOLDER_PREFIX = "d3sr-vae-tiles-"
@@ -133,7 +134,8 @@ def group_norm_with_stats(norm: torch.nn.GroupNorm, x: torch.Tensor, mean: torch
     y = ((grouped - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape).to(x.dtype)
     if norm.affine:
         shape = (1, -1) + (1,) * (x.ndim - 2)
-        y = y * norm.weight.reshape(shape) + norm.bias.reshape(shape)
+        with materialized(norm):  # weights kept in fp8 or borrowed from a host are handed over for this use
+            y = y * norm.weight.reshape(shape) + norm.bias.reshape(shape)
     return y
 
 

@@ -93,9 +93,20 @@ def model_path(name: str) -> str:
     return folder_paths.get_full_path_or_raise(FOLDER, name)
 
 
+DIFFUSION_MODELS = "diffusion_models/"
+"""Prefix of the base list's entries from ``models/diffusion_models`` (an SD3 MMDiT alone, which needs a VAE file)."""
+
+
+def _file_list(folder: str) -> list[str]:
+    """``folder_paths``' list of a model folder, empty when this ComfyUI has no such folder."""
+    return folder_paths.get_filename_list(folder) if folder in folder_paths.folder_names_and_paths else []
+
+
 def list_bases() -> list[str]:
-    """Single-file checkpoints from ``models/checkpoints`` and diffusers folders from ``models/diffusers``."""
+    """Single-file checkpoints from ``models/checkpoints``, ``.safetensors`` from ``models/diffusion_models``
+    (``diffusion_models/<name>``) and diffusers folders from ``models/diffusers``."""
     files = folder_paths.get_filename_list("checkpoints")
+    files += [DIFFUSION_MODELS + n for n in _file_list("diffusion_models") if n.endswith(".safetensors")]
     folders = []
     for root in folder_paths.get_folder_paths("diffusers"):
         if os.path.isdir(root):
@@ -103,7 +114,18 @@ def list_bases() -> list[str]:
     return files + folders
 
 
+def list_base_vaes() -> list[str]:
+    """``.safetensors`` VAE files from ``models/vae``, for a base from ``models/diffusion_models``."""
+    return [n for n in _file_list("vae") if n.endswith(".safetensors")]
+
+
+def base_vae_path(name: str) -> str:
+    return folder_paths.get_full_path_or_raise("vae", name)
+
+
 def base_path(name: str) -> str:
+    if name.startswith(DIFFUSION_MODELS):
+        return folder_paths.get_full_path_or_raise("diffusion_models", name[len(DIFFUSION_MODELS):])
     if name.startswith("diffusers/"):
         folder = name[len("diffusers/"):]
         if not folder or folder in (".", "..") or "/" in folder or "\\" in folder or os.path.isabs(folder):

@@ -10,6 +10,7 @@ from comfy.utils import ProgressBar
 from comfy_api.latest import io
 from tqdm import tqdm
 
+from d3sr_core.borrowed import offload
 from d3sr_core.color import COLOR_FIXES
 from d3sr_core.host_options import DEFAULT, describe_defaults, host_options, with_tile_store
 from d3sr_core.memory import released_after_run
@@ -106,7 +107,9 @@ class Upscale(io.ComfyNode):
             **server_limits(),
         )
         device = model_management.get_torch_device()
-        if device.type != "cpu":  # make room: the graph's own SD model may still sit on the GPU
+        if device.type != "cpu" and d3sr_model.host_models:  # the graph's MODEL and VAE weights are the generator's
+            model_management.load_models_gpu(list(d3sr_model.host_models))
+        elif device.type != "cpu":  # make room: the graph's own SD model may still sit on the GPU
             needed = model_management.module_size(generator.denoiser) + model_management.module_size(generator.vae)
             model_management.free_memory(needed + model_management.minimum_inference_memory(), device)
         images = image.movedim(-1, 1)
@@ -128,7 +131,8 @@ class Upscale(io.ComfyNode):
                         out[index] = result[0].movedim(0, -1).clamp(0, 1).to(out)
                         del result
         finally:
-            generator.to(model_management.unet_offload_device())
+            for module in (generator.denoiser, generator.vae):  # what it borrows stays the host's, where the host keeps it
+                offload(module, model_management.unet_offload_device())
             model_management.soft_empty_cache()
         return io.NodeOutput(out)
 

@@ -216,7 +216,7 @@ def on_ui_settings():
     section = ("d3sr", "D3SR")
     options = {
         "d3sr_base_sd2": shared.OptionInfo("", "SD 2.x base (OSEDiff, D3SR): a file in models/Stable-diffusion, a folder in models/diffusers, or a path", section=section),
-        "d3sr_base_sd3": shared.OptionInfo("", "SD3-medium base (TSD-SR): a folder in models/diffusers, or a path", section=section),
+        "d3sr_base_sd3": shared.OptionInfo("", "SD3-medium base (TSD-SR): a file in models/Stable-diffusion (sd3_medium.safetensors, with or without text encoders), a folder in models/diffusers, or a path", section=section),
         "d3sr_tile_size": shared.OptionInfo(DEFAULT, "Latent tile size (-1: the model's default, 0: off)", gr.Slider, {"minimum": -1, "maximum": 512, "step": 1}, section=section),
         "d3sr_vae_tile_size": shared.OptionInfo(DEFAULT, "VAE tile size in pixels, a multiple of 8 (-1: the model's default, 0: off)", gr.Slider, {"minimum": -1, "maximum": 4096, "step": 1}, section=section),
         "d3sr_keep_loaded": shared.OptionInfo(True, "Keep the last model in memory between images", section=section),

@@ -10,18 +10,37 @@ from pathlib import Path
 
 from .base import BaseModel, detect_family_from_unet_config
 from .sd2 import load_sd2_base
-from .sd3 import is_sd3_folder, load_sd3_base
+from .sd3 import is_sd3_folder, is_stability_sd3_state, load_sd3_base, load_sd3_single_file
 
 __all__ = ["BaseModel", "detect_family_from_unet_config", "load_base"]
 
 
-def load_base(path, config_dir=None, *, load_text_encoder: bool = True) -> BaseModel:
-    """Load the base model at ``path``: an SD 3 diffusers folder, or an SD 2.x diffusers folder or single
-    ``.safetensors``/``.ckpt`` file.
+def _is_sd3_single_file(path: Path) -> bool:
+    """A ``.safetensors`` whose header names an MMDiT in Stability's layout (read without its tensors)."""
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return False
+    from safetensors import SafetensorError, safe_open
 
-    ``config_dir`` overrides the shipped SD 2.1-base configs used for single files (a folder holding
-    ``unet.json``, ``vae.json``, ``scheduler.json`` and optionally ``text_encoder.json``).
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return is_stability_sd3_state(f.keys())
+    except (SafetensorError, OSError):
+        return False  # the SD 2.x loader says what is wrong with the file
+
+
+def load_base(path, config_dir=None, *, load_text_encoder: bool = True, vae_path=None) -> BaseModel:
+    """Load the base model at ``path``: an SD 3 diffusers folder or single ``.safetensors`` in Stability's layout,
+    or an SD 2.x diffusers folder or single ``.safetensors``/``.ckpt`` file.
+
+    ``config_dir`` overrides the shipped configs used for single files: for SD 2.x a folder holding ``unet.json``,
+    ``vae.json``, ``scheduler.json`` and optionally ``text_encoder.json``; for SD3 ``transformer.json``, ``vae.json``
+    and ``scheduler.json``. ``vae_path`` is the VAE file for an SD3 file that holds the MMDiT alone.
     """
-    if Path(path).is_dir() and is_sd3_folder(Path(path)):
-        return load_sd3_base(Path(path))
+    path = Path(path)
+    if path.is_dir() and is_sd3_folder(path):
+        return load_sd3_base(path)
+    if _is_sd3_single_file(path):
+        return load_sd3_single_file(path, config_dir, vae_path)
+    if vae_path is not None:
+        raise ValueError(f"a separate VAE file is taken with an SD3 MMDiT file only; {path} is not one.")
     return load_sd2_base(path, config_dir, load_text_encoder=load_text_encoder)

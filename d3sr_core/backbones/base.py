@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from ..borrowed import borrow
 from ..files import ModelFileError
 
 PredictFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -122,6 +123,25 @@ def build_with_weights(factory, state: dict, path: Path, what: str) -> torch.nn.
     # Cloned into fresh storage: tensors read from a file can be unaligned views, and CPU kernels then round
     # differently from the same weights loaded any other way.
     model.load_state_dict({k: state[k].clone() for k in expected}, assign=True)
+    return model
+
+
+def in_fresh_storage(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with each tensor cloned into its own allocation. ``from_pretrained`` leaves views into the file's
+    memory that are not 64-byte aligned, and CPU kernels round those differently from the same weights loaded any
+    other way (a single file, a host's model), so the same weights would not give the same image."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
+    return model
+
+
+def build_borrowing(factory, read: Callable[[], dict], path: Path, what: str) -> torch.nn.Module:
+    """``factory()`` built on the meta device and then given views of a host's tensors, ``read()`` under the model's
+    names, instead of copies (see ``d3sr_core.borrowed``)."""
+    with torch.device("meta"):
+        model = factory()
+    check_weights(model.state_dict(), read(), path, what)
+    borrow(model, read)
     return model
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -21,6 +22,7 @@ from ..files import ModelFileError, read_state_dict
 from .patch_autoencoder import autoencoder_from_config, is_patch_autoencoder_config
 from .base import (
     BaseModel,
+    build_borrowing,
     build_with_weights,
     check_embedded_configs,
     check_weights,
@@ -139,33 +141,37 @@ def sd2_base_from_ldm_state_dict(
     config_dir: str | os.PathLike | None = None,
     *,
     load_text_encoder: bool = True,
+    borrowed: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> BaseModel:
     """An SD 2.x base from weights in the original (LDM) key layout: ``model.diffusion_model.*`` for the UNet,
     ``first_stage_model.*`` for the VAE, optionally ``cond_stage_model.model.*`` for the OpenCLIP text encoder.
 
     This is what single files hold, and what a host that keeps SD models in that layout (ComfyUI) can hand over.
     ``path`` names the source in messages; ``config_dir`` defaults to the shipped SD 2.1-base configs.
+    ``borrowed``: a function that gives the host's current state in that layout; the UNet and VAE then borrow the
+    host's tensors instead of copying them (see ``d3sr_core.borrowed``).
     """
     what = "a single-file SD 2.x checkpoint (original key layout)"
     config_dir = Path(config_dir) if config_dir else SHIPPED_CONFIG_DIR
     if any(k.startswith("model.diffusion_model.joint_blocks.") for k in checkpoint):
-        raise ModelFileError(f"{path} is a single-file SD3 checkpoint; SD3 bases load from a diffusers folder.")
+        raise ModelFileError(f"{path} is an SD3 model, not SD 2.x; SD3 bases load from a diffusers folder or a single .safetensors file.")
     if LDM_UNET_PROBE_KEY not in checkpoint or LDM_VAE_PROBE_KEY not in checkpoint:
         raise ModelFileError(f"{path} has no UNet and VAE in the original key layout; expected {what}.")
     unet_config = read_json(config_dir / "unet.json")
     context_key = next((k for k in checkpoint if k.endswith("attn2.to_k.weight")), None)
     if context_key is not None and checkpoint[context_key].shape[1] == 768:
         raise ModelFileError(f"{path} is an SD 1.x model (768-wide text tokens); expected an SD 2.x base.")
-    unet = build_with_weights(
-        lambda: UNet2DConditionModel.from_config(unet_config),
-        convert_ldm_unet_checkpoint(checkpoint, unet_config),
-        path,
-        "UNet",
-    )
     vae_config = read_json(config_dir / "vae.json")
-    vae = build_with_weights(
-        lambda: AutoencoderKL.from_config(vae_config), convert_ldm_vae_checkpoint(checkpoint, vae_config), path, "VAE"
+    parts = (
+        (lambda: UNet2DConditionModel.from_config(unet_config), lambda s: convert_ldm_unet_checkpoint(s, unet_config), "UNet"),
+        (lambda: AutoencoderKL.from_config(vae_config), lambda s: convert_ldm_vae_checkpoint(s, vae_config), "VAE"),
     )
+    if borrowed is None:
+        unet, vae = (build_with_weights(factory, convert(checkpoint), path, what) for factory, convert, what in parts)
+    else:
+        unet, vae = (
+            build_borrowing(factory, lambda convert=convert: convert(borrowed()), Path(path), what) for factory, convert, what in parts
+        )
     prompt_encoder = None
     text_config_file = config_dir / "text_encoder.json"
     has_text = any(k.startswith(OPEN_CLIP_PREFIX) for k in checkpoint)

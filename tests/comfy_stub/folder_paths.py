@@ -7,6 +7,8 @@ supported_pt_extensions = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors
 folder_names_and_paths = {
     "checkpoints": ([os.path.join(models_dir, "checkpoints")], supported_pt_extensions),
     "diffusers": ([os.path.join(models_dir, "diffusers")], {"folder"}),
+    "diffusion_models": ([os.path.join(models_dir, "diffusion_models")], supported_pt_extensions),
+    "vae": ([os.path.join(models_dir, "vae")], supported_pt_extensions),
 }
 
 
