@@ -295,7 +295,7 @@ def test_install_picks_a_peft_the_pinned_accelerate_imports_with_and_changes_not
 def test_install_enforces_the_floors_and_leaves_satisfied_packages_alone(monkeypatch):
     state = {"torch": "2.3.1", "accelerate": "0.30.0", "diffusers": "0.27.2", "peft": "0.13.2", "transformers": "4.44.0",
              "safetensors": "0.4.2", "numpy": "1.26.2", "pillow": "10.2.0", "tqdm": "4.66.1", "pypng": "0.20220715.0",
-             "d3sr": "0.1.0"}
+             "pyyaml": "6.0.1", "d3sr": "0.1.0"}
     ins, calls = load_installer(monkeypatch, state, lambda s: set())
     monkeypatch.setattr(sys.modules["launch"], "is_installed", lambda name: name in state or name == "d3sr_core")
     ins.main()

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 CI = (ROOT / ".ci" / "run").read_text().splitlines()
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-IMPORT_NAMES = {"pillow": "PIL", "pypng": "png"}
+IMPORT_NAMES = {"pillow": "PIL", "pypng": "png", "pyyaml": "yaml"}
 
 
 def fenced_commands(section: str) -> list[str]:
