@@ -235,6 +235,18 @@ class ResShiftGenerator(torch.nn.Module):
                 progress()
         return x
 
+    def ddim_x_start(self, x_t: torch.Tensor, z_y: torch.Tensor, lq: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """TAD-SR's multi-step teacher result (its ``ddim_sample_loop`` from ``x_T``, what the one-step student regresses
+        to): from ``x_t`` at the last entry of the ``steps``-entry schedule (``None``: all trained steps), per entry, last
+        first, x_0 of the network then :func:`ddim_step` to the previous entry's eta; the first entry's step (eta_{t-1}
+        = 0) returns x_0 itself. ``z_y`` is the latent of the upsampled ``lq`` ``(B, 3, h, w)``; float32 latents."""
+        schedule = self.schedule(steps or self.trained_steps)
+        x = x_t
+        for index in reversed(range(len(schedule))):
+            x0 = self.predict_x_start(x, schedule.timesteps[index], _at(schedule.etas, index, x), lq)
+            x = ddim_step(x, z_y, x0, schedule.etas[index], schedule.etas_prev[index])
+        return x
+
     def forward(self, lq: torch.Tensor, steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(B, 3, sf h, sf w)`` in [-1, 1] (clamped) from ``lq`` ``(B, 3, h, w)`` in [-1, 1] (sides multiples of
         ``padding_offset``): latents sampled, then decoded."""

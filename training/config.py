@@ -24,6 +24,10 @@ DEFAULTS: dict = {
         # Or a base built from configs with random weights ({unet | transformer, vae, scheduler}); the exported
         # model is then self-contained (the tiny preset, the bundled default model).
         "base_configs": None,
+        # A ResShift base (--method tadsr): model.base is the official UNet .pth (or one of our ResShift files), this
+        # its VQ autoencoder (autoencoder_vq_f4.pth), and resshift_config the official YAML (None: realsr x4 v1).
+        "autoencoder": None,
+        "resshift_config": None,
         "embed_base": False,  # store the base inside exported models even though it was loaded from model.base
         # A model this trainer exported (same method, adapters and base) whose trained weights the generator starts
         # from: a later stage fine-tuning an earlier stage's result with other losses or data.

@@ -337,17 +337,35 @@ class SwinUNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(first, out_channels, 3, padding=1))
         self.encoder_depth = len(self.input_blocks)
+        # The input block that ends each level (its downsampling, or the last level's last residual block): the
+        # official only_fea's hs[3], hs[6], hs[9], hs[11] for channel_mult [1, 2, 2, 4] with 2 blocks per level.
+        ends, index = [], 0
+        for level in range(len(channel_mult)):
+            index += num_res_blocks[level] + (level != len(channel_mult) - 1)
+            ends.append(index)
+        self.level_ends = tuple(ends)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-        """``x`` ``(B, C, h, w)`` (already divided by ``sqrt(eta_t kappa^2 + 1)``), ``timesteps`` ``(B,)`` indices into
-        the trained schedule, ``lq`` ``(B, 3, h, w)`` in [-1, 1]; returns the x_start prediction ``(B, C, h, w)``."""
+    def _encode(self, x: torch.Tensor, timesteps: torch.Tensor, lq: torch.Tensor):
+        """The encoder's pass: ``(timestep embedding, every input block's output, the middle block's output)``."""
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
         h = torch.cat([x, lq.to(x.dtype)], dim=1)
         skips = []
         for module in self.input_blocks:
             h = module(h, emb)
             skips.append(h)
-        h = self.middle_block(h, emb)
+        return emb, skips, self.middle_block(h, emb)
+
+    def encoder_features(self, x: torch.Tensor, timesteps: torch.Tensor, lq: torch.Tensor) -> list[torch.Tensor]:
+        """What TAD-SR's time-aware discriminator reads (the official ``forward(..., only_fea=True)``): the output of
+        the input block that ends each level (:attr:`level_ends`), then the middle block's. Arguments as
+        :meth:`forward`."""
+        _, skips, middle = self._encode(x, timesteps, lq)
+        return [skips[i] for i in self.level_ends] + [middle]
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(B, C, h, w)`` (already divided by ``sqrt(eta_t kappa^2 + 1)``), ``timesteps`` ``(B,)`` indices into
+        the trained schedule, ``lq`` ``(B, 3, h, w)`` in [-1, 1]; returns the x_start prediction ``(B, C, h, w)``."""
+        emb, skips, h = self._encode(x, timesteps, lq)
         for module in self.output_blocks:
             h = module(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)

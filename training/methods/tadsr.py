@@ -1,7 +1,8 @@
 """TAD-SR on SD backbones: high-frequency score distillation, regression, and a time-aware discriminator on the
-frozen teacher's encoder features (reference/methods.md 3.2 and 3.3).
+frozen teacher's encoder features (reference/methods.md 3.2 and 3.3). On a ResShift base, ``--method tadsr`` is the
+paper's own setting, with the multi-step SR model as teacher (``tadsr_resshift.py``).
 
-The teacher is the frozen base diffusion UNet. Each step:
+The teacher on SD is the frozen base diffusion UNet, an unconditioned prior. Each step:
 
 1. generator: ``regression_weight * MSE(z_hat, z_target)`` + ``hsd_weight * HSD`` + ``gan_weight * (-mean D(fake))``.
    The target is the GT latent (``target: gt``) or the teacher's own multi-step result (``target: teacher``: DDIM
@@ -24,6 +25,7 @@ from d3sr_core.lora import adapters_disabled
 
 from .base import OptimizerSpec
 from .one_step import GENERATOR_DEFAULTS, OneStepMethod
+from .tadsr_resshift import RESSHIFT_DEFAULTS, TADSRResShiftMethod, is_resshift_base
 
 TARGETS = ("gt", "teacher")
 NOISES = ("gaussian", "uniform")
@@ -42,8 +44,18 @@ class TADSRMethod(OneStepMethod):
             "hsd_t_min": 20,
             "hsd_t_max": 200,
             "noise": "gaussian",  # gaussian | uniform (the official rand_like)
+            # On a ResShift base (tadsr_resshift.py) the teacher is the ResShift model itself and the student its full
+            # copy; these options apply there, and generator, target, teacher_*, hsd_t_* and disc_t_* above do not.
+            "resshift": dict(RESSHIFT_DEFAULTS),
         }
     }
+
+    def __new__(cls, config: dict | None = None):
+        # One --method, two bases: a ResShift base (an SR teacher of its own) is trained by TADSRResShiftMethod.
+        # (``config`` is None when copy or pickle recreate an instance.)
+        if cls is TADSRMethod and config is not None and is_resshift_base(config["model"]):
+            return TADSRResShiftMethod(config)
+        return super().__new__(cls)
 
     def __init__(self, config: dict):
         super().__init__(config)
