@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from bounds import RELATIVE_REORDER, max_difference
+from test_cpu_dtype import BF16_AGREEMENT_DB
 from d3sr_cli.main import main as d3sr_main
 from d3sr_core.backbones.resshift import read_resshift_config, unet_from_config
 from d3sr_core.checkpoints import load_checkpoint
 from d3sr_core.image_io import read_image
 from d3sr_core.loading import load_model
+from d3sr_core.pipeline import Upscaler
 from d3sr_core.residual_shift import bicubic_upsample
 from tiny_models import write_hr_photos
 from tiny_resshift import write_official_files
@@ -222,6 +224,15 @@ def test_cli_trains_the_tiny_resshift_preset_and_upscale_runs_the_export(hr_dir,
     up = tmp_path / "up"
     assert d3sr_main(["upscale", str(hr_dir / "img0.png"), "-o", str(up), "--model", str(exported)]) == 0
     assert read_image(up / "img0.png").pixels.shape == (3, 320, 384)
+    # bf16 (what dtype auto takes on a CPU with native bf16, and a bf16 run's frozen teacher): the Swin UNet's
+    # float32 GroupNorms take their cast weights as float32.
+    image = read_image(hr_dir / "img0.png").pixels[None]
+    results = {}
+    for dtype in ("fp32", "bf16"):
+        loaded = load_model(exported)
+        results[dtype] = Upscaler(loaded.generator, dtype=dtype).upscale(image, loaded.defaults)
+    mse = (results["bf16"].float() - results["fp32"].float()).pow(2).mean().item()
+    assert 10 * math.log10(1 / max(mse, 1e-20)) >= BF16_AGREEMENT_DB
 
 
 def test_tiny_resshift_resumes_exactly(hr_dir, tmp_path):
