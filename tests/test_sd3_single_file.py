@@ -229,6 +229,11 @@ def test_not_sd3_and_not_safetensors(tmp_path, tiny_sd3_config_dir):
     torch.save({"state_dict": state}, tmp_path / "sd3.ckpt")
     with pytest.raises(ModelFileError, match=r"sd3\.ckpt is an SD3 model.*\.safetensors"):
         load_base(tmp_path / "sd3.ckpt", tiny_sd3_config_dir)
+    scaled = tmp_path / "scaled_fp8.safetensors"
+    save_file({**state, "model.diffusion_model.scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn),
+               "first_stage_model.decoder.conv_in.weight": torch.zeros(1)}, str(scaled))
+    with pytest.raises(ModelFileError, match=r"scaled_fp8\.safetensors is a scaled fp8 MMDiT"):
+        load_base(scaled, tiny_sd3_config_dir)
     empty_config = tmp_path / "config"
     empty_config.mkdir()
     single = write_stability_file(tmp_path / "sd3.safetensors", transformer, vae)

@@ -187,6 +187,9 @@ def sd3_base_from_stability_state(
     ones). ``borrowed = (read_mmdit, read_vae)``: functions that give the host's current states in the same names;
     the base then borrows the host's tensors instead of copying them (see ``d3sr_core.borrowed``).
     """
+    scaled = next((k for k in mmdit_state if k == "scaled_fp8" or k.endswith(".scale_weight")), None)
+    if scaled is not None:  # each weight would need its own scale, which these layers do not apply
+        raise ModelFileError(f"{source} is a scaled fp8 MMDiT ({scaled!r}); use a plain fp8, fp16, bf16 or fp32 SD3 file.")
     config_dir = Path(config_dir) if config_dir else SHIPPED_CONFIG_DIR
     for name in ("transformer.json", "vae.json", "scheduler.json"):
         if not (config_dir / name).is_file():
