@@ -342,3 +342,62 @@ def plot(report: dict, path: str | os.PathLike) -> Path:
     with atomic_output(path) as tmp:
         image.save(tmp, format="PNG")
     return path
+
+
+def one_image_process_peak(arch: str, size: int, scale: int, options: dict, dtype: str, winograd: bool | None) -> dict:
+    """In this process: build our path (:func:`osediff_shaped_generator`, merged), upscale one random ``size`` px
+    image into an 8-bit buffer as a host that writes files does, and report the process's peak resident set
+    (``ru_maxrss``, models, imports and all) and the resident set after the model was built."""
+    import resource
+
+    from d3sr_core.image_io import output_levels
+    from d3sr_core.memory import fix_mmap_threshold
+
+    fix_mmap_threshold()  # as the d3sr process does
+    upscaler = Upscaler(osediff_shaped_generator(arch, merge=True), device="cpu", dtype=dtype, winograd=winograd)
+    built = PeakMemory._rss()
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(size))
+    out = output_levels(size * scale, size * scale, 3)
+    start = time.perf_counter()
+    upscaler.upscale(image, UpscaleOptions.from_json(options), out=out)
+    seconds = time.perf_counter() - start
+    return {"input_size": size, "output_size": size * scale, "seconds": seconds,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_model_mib": built / 2**20}
+
+
+def run_process_peaks(arch: str, sizes: list[int], scale: int, dtype: str = "auto", winograd: bool | None = None,
+                      tiles: tuple[int, int, int] | None = None, vae_tile_store: str = "ram", progress=print) -> dict:
+    """Whole-process peak memory of our path per size, each size in a fresh process (``python -m d3sr_cli.bench``,
+    :func:`one_image_process_peak`), so no size inherits another's allocations: the number a user's process
+    reaches, models and imports included, and its ratio to the smallest size's."""
+    import subprocess
+    import sys
+
+    options = PRESETS["osediff"].updated(scale=scale, min_process_side=0, vae_tile_store=vae_tile_store)
+    if tiles is not None:
+        options = options.updated(tile_size=tiles[0], tile_overlap=min(options.tile_overlap, max(0, tiles[0] - 1)),
+                                  vae_encoder_tile_size=tiles[1], vae_decoder_tile_size=tiles[2])
+    rows = []
+    for size in sizes:
+        request = {"arch": arch, "size": size, "scale": scale, "options": options.to_json(), "dtype": dtype, "winograd": winograd}
+        child = subprocess.run([sys.executable, "-m", "d3sr_cli.bench", json.dumps(request)], capture_output=True, text=True)
+        if child.returncode != 0:
+            raise RuntimeError(f"the {size} px measurement failed: {child.stderr.strip().splitlines()[-1:]}")
+        row = json.loads(child.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        progress(f"{size}px -> {row['output_size']}px  {row['seconds']:7.2f} s  process peak {row['peak_rss_mib']:8.1f} MiB "
+                 f"(after building the model {row['rss_after_model_mib']:.1f} MiB)")
+    first = rows[0]["peak_rss_mib"]
+    for row in rows:
+        row["peak_versus_smallest"] = row["peak_rss_mib"] / first
+    return {"arch": arch, "scale": scale, "dtype": dtype, "ours_options": options.to_json(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "measure": "ru_maxrss of a fresh process per size, one image, 8-bit output",
+            "process_peaks": rows}
+
+
+if __name__ == "__main__":  # one measurement of run_process_peaks, in its own process
+    import sys
+
+    request = json.loads(sys.argv[1])
+    print(json.dumps(one_image_process_peak(request["arch"], request["size"], request["scale"], request["options"],
+                                            request["dtype"], request["winograd"])))

@@ -333,6 +333,7 @@ def upscale_files(
     resolve_device: Callable[[str | None], object],
     settings: dict,
     batch_size: int = 1,
+    fixed_tile_store: bool = False,
 ) -> int:
     """Upscale ``files`` into ``out_dir/<stem>.png`` in this process's share of the launch; returns the exit
     status, the same on every process: 0 when every image of this run succeeded, else 1.
@@ -345,11 +346,15 @@ def upscale_files(
         resolve_device: turns ``device`` into a ``torch.device`` when there is one process.
         settings: what the results depend on (:func:`run_settings`); a result made with others is done again.
         batch_size: consecutive images of the same size upscaled together.
+        fixed_tile_store: keep the options' VAE tile store (``--vae-tile-store`` given) instead of choosing it per
+            image from the free RAM (``d3sr_core.host_options.with_tile_store``), as the other hosts do.
     """
     from tqdm import tqdm
 
     from d3sr_core.files import LOCK_NAME, FolderLock, sweep_stale_temporaries
-    from d3sr_core.image_io import ImageFileError, write_png
+    from d3sr_core.host_options import with_tile_store
+    from d3sr_core.image_io import ImageFileError, output_levels, write_png_levels
+    from d3sr_core.image_store import as_output
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size {batch_size!r} is not allowed; expected a whole number of at least 1.")
@@ -424,13 +429,40 @@ def upscale_files(
 
             committed: set[int] = set()
 
+            def results(batch: list[_Item]) -> Iterator[tuple[_Item, torch.Tensor]]:
+                """Each item with its result as levels ``(H, W, C)`` of its bit depth. The tile store follows the
+                free RAM unless --vae-tile-store chose it; on disk every image runs alone, straight into its
+                8- or 16-bit buffer, so no float copy of a large image is ever made."""
+                channels, height, width = batch[0].image.pixels.shape
+                chosen = options if fixed_tile_store else with_tile_store(options, upscaler.generator.vae, height, width)
+                size = (height * chosen.scale, width * chosen.scale)
+                steps = upscaler.count_steps(height, width, chosen)  # per pass: a batch runs its tiles together
+                # The images bar moves once per image: for a large one, a bar of its tiles shows progress and ETA.
+                with tqdm(total=steps, unit="tile", desc=batch[0].path.name, leave=False, dynamic_ncols=True,
+                          disable=None if procs.is_main else True, position=1) as tiles:
+                    def progress(done: int, total: int) -> None:
+                        tiles.update(done - tiles.n)
+
+                    if chosen.vae_tile_store == "disk":
+                        for item in batch:
+                            levels = output_levels(*size, channels, item.image.bit_depth)
+                            tiles.reset(total=steps)
+                            upscaler.upscale(item.image.pixels[None], chosen, progress, out=levels)
+                            yield item, levels[0]
+                        return
+                    pixels = upscaler.upscale(torch.stack([item.image.pixels for item in batch]), chosen, progress)
+                bits = {8: torch.uint8, 16: torch.uint16}
+                for item, image in zip(batch, pixels):
+                    yield item, as_output(image.permute(1, 2, 0), bits[item.image.bit_depth])
+
             def upscale(batch: list[_Item]) -> None:
                 begin = time.perf_counter()
-                result = upscaler.upscale(torch.stack([item.image.pixels for item in batch]), options)
+                done = list(results(batch))
                 seconds = (time.perf_counter() - begin) / len(batch)
-                for item, pixels in zip(batch, result):
+                for item, levels in done:
                     name = f"{item.path.stem}.png"
-                    write_png(staging / name, pixels, item.image.bit_depth)
+                    write_png_levels(staging / name, levels)
+                    pixels = levels.permute(2, 0, 1)
                     append(record(item, (pixels.shape[-1], pixels.shape[-2]), seconds, None))
                     os.replace(staging / name, out_dir / name)  # the commit (see the module's docstring)
                     committed.add(item.index)

@@ -112,8 +112,9 @@ def _add_upscale(sub) -> None:
     p.add_argument("--no-merge-lora", action="store_true", help="keep LoRA unmerged (slower; for debugging)")
     p.add_argument("--winograd", action=argparse.BooleanOptionalAction, help=WINOGRAD_HELP)
     p.add_argument("--vae-tile-store", choices=TILE_STORES,
-                   help="where VAE tiles wait between GroupNorm stages: ram, or disk (memory bounded by one tile, same "
-                   "result; also keeps glibc from holding on to freed tile memory)")
+                   help="where VAE tiles and whole-image tensors wait: ram, or disk (memory bounded by the tiles and a "
+                   "band of rows at any image size, same result) (default: disk when the in-memory path would take "
+                   "more than half the free RAM, per image)")
     p.add_argument("--max-scale", type=int, default=DEFAULT_MAX_SCALE,
                    help=f"refuse a --scale (or a model's scale) above this (default {DEFAULT_MAX_SCALE})")
     p.add_argument("--max-output-pixels", type=int, default=DEFAULT_MAX_OUTPUT_PIXELS,
@@ -199,6 +200,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--tiles", type=int, nargs=3, metavar=("LATENT", "ENCODER", "DECODER"),
                    help="our path's tile sizes (latent pixels, image pixels, latent pixels) instead of OSEDiff's")
     p.add_argument("--vae-tile-store", choices=TILE_STORES, default="ram", help="our path's VAE tile store (ram or disk)")
+    p.add_argument("--process-peak", action="store_true",
+                   help="instead: our path only, each size in a fresh process, one image written to an 8-bit buffer; "
+                   "reports the whole process's peak resident memory (ru_maxrss, models included) and its ratio to "
+                   "the smallest size's")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--plot", help="write a PNG of time and peak memory against output megapixels")
     p.set_defaults(run=run_bench)
@@ -209,6 +214,18 @@ def run_bench(args: argparse.Namespace) -> int:
     from d3sr_core.files import atomic_output
 
     fix_mmap_threshold()  # resident memory then follows what the paths hold, not what glibc kept of it
+    if args.process_peak:
+        from d3sr_cli.bench import run_process_peaks
+
+        report = run_process_peaks(args.arch, args.sizes, args.scale, args.dtype, args.winograd,
+                                   tuple(args.tiles) if args.tiles else None, args.vae_tile_store)
+        for row in report["process_peaks"]:
+            print(f"{row['output_size']}px: process peak {row['peak_rss_mib']:.1f} MiB, "
+                  f"{row['peak_versus_smallest']:.2f}x that at {report['process_peaks'][0]['output_size']}px")
+        if args.json:
+            with atomic_output(args.json) as tmp:
+                tmp.write_text(json.dumps(report, indent=2))
+        return 0
     device = _device(args.device)
     report = bench(args.arch, args.sizes, args.scale, args.repeats, device, args.dtype, args.warmup, winograd=args.winograd,
                    tiles=tuple(args.tiles) if args.tiles else None, vae_tile_store=args.vae_tile_store)
@@ -262,7 +279,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     from d3sr_core.loading import load_model
     from d3sr_core.pipeline import Upscaler
 
-    if args.vae_tile_store == "disk":
+    if args.vae_tile_store != "ram":  # disk, or chosen per image from the free RAM
         fix_mmap_threshold()  # the memory that disk-parked tiles save must also leave the process
     files = list_images(args.inputs)
     if not files:
@@ -311,7 +328,8 @@ def run_upscale(args: argparse.Namespace) -> int:
 
     # One process, or this process's share of an `accelerate launch` (see folder_run.py).
     return upscale_files(files, out_dir, make_upscaler, device=args.device, resolve_device=_device,
-                         settings=run_settings(args), batch_size=args.batch_size)
+                         settings=run_settings(args), batch_size=args.batch_size,
+                         fixed_tile_store=args.vae_tile_store is not None)
 
 
 def run_convert(args: argparse.Namespace) -> int:

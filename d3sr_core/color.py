@@ -6,11 +6,16 @@ Both follow StableSR's ``wavelet_color_fix.py``, which OSEDiff and TSD-SR reuse.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn.functional as F
 
 COLOR_FIXES = ("wavelet", "adain", "none")
 WAVELET_LEVELS = 5
+WAVELET_HALO = 2**WAVELET_LEVELS - 1
+"""How far (pixels) the wavelet fix reaches: the blurs' radii 1 + 2 + ... + 2^(levels-1). A band of rows computed
+with this many rows of real context on each side equals the same rows of the whole image's fix."""
 ADAIN_EPS = 1e-5
 
 
@@ -22,11 +27,31 @@ def channel_mean_std(image: torch.Tensor, eps: float = ADAIN_EPS) -> tuple[torch
     return flat.mean(dim=2)[..., None, None], std[..., None, None]
 
 
+def streamed_channel_mean_std(bands: Iterable[torch.Tensor], eps: float = ADAIN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`channel_mean_std` of an image that arrives in parts ``(B, C, h, w)`` (row bands, tiles: any split
+    that covers every pixel once), summed in float64 so the split does not matter beyond float32 rounding of the
+    result. Returns float32 ``(B, C, 1, 1)`` each."""
+    count, total, squares = 0, 0.0, 0.0
+    for band in bands:
+        flat = band.double().reshape(*band.shape[:2], -1)
+        count, total, squares = count + flat.shape[2], total + flat.sum(dim=2), squares + flat.square().sum(dim=2)
+    mean = total / count
+    variance = (squares - count * mean.square()).clamp(min=0) / max(count - 1, 1)
+    return mean.float()[..., None, None], (variance + eps).sqrt().float()[..., None, None]
+
+
+def adain_with_stats(
+    content: torch.Tensor, content_stats: tuple[torch.Tensor, torch.Tensor], source_stats: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Adaptive instance normalisation with given per-channel ``(mean, std)`` of the whole content and source:
+    ``(content - mu_c) / sigma_c * sigma_s + mu_s``, clamped to [0, 1]; ``content`` may be any part of the image."""
+    (content_mean, content_std), (source_mean, source_std) = content_stats, source_stats
+    return ((content - content_mean) / content_std * source_std + source_mean).clamp(0, 1)
+
+
 def adain_color_fix(content: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """Adaptive instance normalisation: ``(content - mu_c) / sigma_c * sigma_s + mu_s`` per channel, clamped to [0, 1]."""
-    content_mean, content_std = channel_mean_std(content)
-    source_mean, source_std = channel_mean_std(source)
-    return ((content - content_mean) / content_std * source_std + source_mean).clamp(0, 1)
+    return adain_with_stats(content, channel_mean_std(content), channel_mean_std(source))
 
 
 def wavelet_blur(image: torch.Tensor, radius: int) -> torch.Tensor:

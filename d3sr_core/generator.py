@@ -17,8 +17,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .backbones.base import PredictFn
 from .borrowed import compute_dtype
-from .tiled_vae import count_norms, count_vae_tiles, decoder_steps, encoder_steps, tiled_vae_apply
-from .tiling import count_latent_tiles, gaussian_blend_predictions, latent_tile_shape
+from .tiled_vae import RegionSource, count_norms, count_vae_tiles, decoder_steps, encoder_steps, tiled_vae_apply
+from .tiling import count_latent_tiles, gaussian_blend_predictions, gaussian_blend_rows, latent_tile_shape
 
 ENCODER_TILE_PADDING = 32
 """Context around each VAE encoder tile, in image pixels (the official default)."""
@@ -212,15 +212,21 @@ class OneStepGenerator(torch.nn.Module):
         ``sample=False`` takes the posterior mode (deterministic); ``sample=True`` draws from it with ``generator``,
         as the official OSEDiff and TSD-SR scripts do (unseeded there). ``tile_size`` (pixels) enables the tiled
         encoder (see ``tiled_vae.py``) for images larger than one tile; ``tile_store`` (``ram`` or ``disk``) is
-        where its tiles wait between GroupNorm stages.
+        where its tiles wait between GroupNorm stages. ``image`` ``(B, 3, H, W)`` in [-1, 1] is a tensor or a
+        ``tiled_vae.RegionSource`` that reads it region by region.
         """
         if self._vae_tiles("encoder", *image.shape[-2:], tile_size) > 1:
             steps = encoder_steps(self.vae)
             ratio = 1 / self.vae_scale_factor
-            moments = tiled_vae_apply(
-                steps, image.to(self.vae_dtype), tile_size, ENCODER_TILE_PADDING, ratio, progress, store=tile_store
-            )
+            if isinstance(image, RegionSource):
+                source = image
+                image = RegionSource(source.shape, source.device, lambda *box: source.region(*box).to(self.vae_dtype))
+            else:
+                image = image.to(self.vae_dtype)
+            moments = tiled_vae_apply(steps, image, tile_size, ENCODER_TILE_PADDING, ratio, progress, store=tile_store)
         else:
+            if isinstance(image, RegionSource):  # one tile: the whole input is no larger than a tile
+                image = image.region(0, image.shape[-2], 0, image.shape[-1])
             moments = self.encode_moments(image)
             _tick(progress)
         posterior = DiagonalGaussianDistribution(moments.float())
@@ -234,19 +240,28 @@ class OneStepGenerator(torch.nn.Module):
         tile_size: int | None = None,
         tile_store: str = "ram",
         progress: Callable[[], None] | None = None,
-    ) -> torch.Tensor:
+        into: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor | None:
         """Image ``(B, 3, fH, fW)`` in [-1, 1] (clamped) from model latents; ``tile_size`` (latent pixels) enables
-        the tiled decoder for latents larger than one tile, whose tiles wait in ``tile_store`` (as :meth:`encode`)."""
+        the tiled decoder for latents larger than one tile, whose tiles wait in ``tile_store`` (as :meth:`encode`).
+        With ``into``, the image is never assembled: it goes out tile by tile as ``into(y0, x0, part)`` (see
+        ``tiled_vae.tiled_vae_apply``) and ``None`` is returned."""
         unscaled = latents.to(self.vae_dtype) / self.latent_scaling_factor
+
+        def clamped(y0: int, x0: int, part: torch.Tensor) -> None:
+            into(y0, x0, part.float().clamp_(-1, 1))  # in place: at 2048 px a copy is 48 MiB more at the peak
+
         if self._vae_tiles("decoder", *latents.shape[-2:], tile_size) > 1:
             steps = decoder_steps(self.vae)
-            image = tiled_vae_apply(
-                steps, unscaled, tile_size, DECODER_TILE_PADDING, self.vae_scale_factor, progress, store=tile_store
-            )
+            image = tiled_vae_apply(steps, unscaled, tile_size, DECODER_TILE_PADDING, self.vae_scale_factor, progress,
+                                    store=tile_store, into=None if into is None else clamped)
         else:
             image = self.vae.decode(unscaled).sample
             _tick(progress)
-        return image.float().clamp_(-1, 1)  # in place: at 2048 px a copy is 48 MiB more at the stage's peak
+            if into is not None:
+                clamped(0, 0, image)
+                image = None
+        return None if image is None else image.float().clamp_(-1, 1)
 
     def predict(self, latents: torch.Tensor) -> torch.Tensor:
         """The denoiser's output at the generator's timestep for latents ``(B, C, h, w)``; float32 ``(B, C, h, w)``."""
@@ -293,6 +308,33 @@ class OneStepGenerator(torch.nn.Module):
             prediction = self.predict(latents)
             _tick(progress)
         return self.x0(latents, prediction)
+
+    def denoise_rows(
+        self,
+        read_rows: Callable[[int, int], torch.Tensor],
+        shape: tuple[int, int, int, int],
+        emit: Callable[[int, torch.Tensor], None],
+        *,
+        tile_size: int | None = None,
+        tile_overlap: int = 0,
+        tile_rule: str = "side",
+        tile_batch_size: int = 1,
+        progress: Callable[[], None] | None = None,
+    ) -> None:
+        """:meth:`denoise` on latents of ``shape`` ``(B, C, H, W)`` that are never whole in memory:
+        ``read_rows(y0, y1)`` gives latent rows ``[y0, y1)``, and x0 leaves in row bands, ``emit(y0, x0_rows)``, in
+        order (see ``tiling.gaussian_blend_rows``); equal to :meth:`denoise` bit for bit. Latents that run untiled
+        (no larger than one tile) are read whole."""
+        height = shape[-2]
+        tiling = self._latent_tiling(*shape[-2:], tile_size, tile_overlap, tile_rule)
+        if not tiling:
+            emit(0, self.denoise(read_rows(0, height), tile_size=None, progress=progress))
+            return
+
+        def emit_x0(y0: int, prediction: torch.Tensor) -> None:
+            emit(y0, self.x0(read_rows(y0, y0 + prediction.shape[-2]), prediction))
+
+        gaussian_blend_rows(self.predict, read_rows, shape, *tiling, emit_x0, progress, tile_batch_size)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Untiled one-step SR of ``image`` ``(B, 3, H, W)`` in [-1, 1] (H, W multiples of f) to the same size."""

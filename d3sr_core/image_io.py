@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .files import atomic_output
+from .image_store import as_output
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -121,24 +122,44 @@ def _check_pixels(pixels: torch.Tensor) -> None:
 def to_pil(pixels: torch.Tensor) -> Image.Image:
     """``pixels`` ``(C, H, W)`` in [0, 1], C in {1, 3, 4}, as an 8-bit L, RGB or RGBA PIL image."""
     _check_pixels(pixels)
-    data = np.round(pixels.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).astype(np.uint8)
+    return pil_from_levels(as_output(pixels.detach().permute(1, 2, 0), torch.uint8))
+
+
+def pil_from_levels(levels: torch.Tensor) -> Image.Image:
+    """An 8-bit image ``(H, W, C)`` (``torch.uint8``, C in {1, 3, 4}, as ``Upscaler.upscale`` fills ``out``) as an
+    L, RGB or RGBA PIL image, without a float copy."""
+    data = levels.cpu().numpy()
     return Image.fromarray(data[..., 0] if data.shape[2] == 1 else data)
+
+
+def output_levels(height: int, width: int, channels: int, bit_depth: int = 8) -> torch.Tensor:
+    """An empty result buffer ``(1, H, W, C)`` of 8- or 16-bit levels for ``Upscaler.upscale(..., out=)``: a
+    third (8-bit) or half (16-bit) of a float32 image, and what :func:`write_png_levels` writes as it is."""
+    return torch.empty(1, height, width, channels, dtype=torch.uint16 if bit_depth == 16 else torch.uint8)
 
 
 def write_png(path: str | os.PathLike, pixels: torch.Tensor, bit_depth: int = 8) -> Path:
     """Write ``pixels`` ``(C, H, W)`` in [0, 1] as an 8- or 16-bit PNG, through a temporary name."""
-    path = Path(path)
     _check_pixels(pixels)
+    levels = as_output(pixels.detach().permute(1, 2, 0), torch.uint16 if bit_depth == 16 else torch.uint8)
+    return write_png_levels(path, levels)
+
+
+def write_png_levels(path: str | os.PathLike, levels: torch.Tensor) -> Path:
+    """Write ``levels`` ``(H, W, C)``, ``torch.uint8`` or ``torch.uint16`` (8- or 16-bit PNG), C in {1, 3, 4},
+    through a temporary name."""
+    path = Path(path)
+    if levels.ndim != 3 or levels.shape[2] not in (1, 3, 4) or levels.dtype not in (torch.uint8, torch.uint16):
+        raise ValueError(f"levels must be (H, W, C) uint8 or uint16 with C in 1, 3, 4; got {tuple(levels.shape)} {levels.dtype}.")
     with atomic_output(path) as tmp:
-        if bit_depth == 16:
-            array = pixels.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-            height, width, planes = array.shape
-            data = np.round(array * 65535.0).astype(np.uint16).reshape(height, width * planes)
+        if levels.dtype == torch.uint16:
+            height, width, planes = levels.shape
+            data = levels.cpu().numpy().reshape(height, width * planes)
             writer = png.Writer(width, height, greyscale=planes == 1, alpha=planes == 4, bitdepth=16)
             with open(tmp, "wb") as f:
                 writer.write(f, data)
         else:
-            to_pil(pixels).save(tmp, format="PNG")
+            pil_from_levels(levels).save(tmp, format="PNG")
     return path
 
 

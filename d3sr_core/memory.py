@@ -72,23 +72,32 @@ def available_ram() -> int | None:
     return min(found) if found else None
 
 
+WHOLE_IMAGE_COPIES = 8
+"""float32 RGB copies of the processed image the in-memory path holds at its peak (the upsampled input, the
+encoder's input, the decoded image, the colour fix's temporaries, the result); a pointwise autoencoder adds its
+latents, the blended prediction and x0, each as large as the image."""
+POINTWISE_LATENT_COPIES = 3
+
+
 def ram_store_bytes(vae, height: int, width: int) -> int:
-    """What the ``ram`` tile store holds at most for an ``height x width`` image (padded processing size): every
-    tile's activations of the full-resolution stage, where the VAE's first (encoder) and last (decoder) blocks have
-    ``block_out_channels[0]`` channels, as float32 input and output of the stage plus the half-resolution stage's
-    share (about half as much again). Lower resolutions hold more channels on 4x fewer pixels, so this one bounds
-    them. A pointwise autoencoder (``PatchAutoencoder``) is never tiled and holds nothing: 0."""
+    """What the in-memory path (``ram`` store) holds at most for an ``height x width`` image (padded processing
+    size): :data:`WHOLE_IMAGE_COPIES` float32 RGB images, plus, for a tiled VAE, every tile's activations of the
+    full-resolution stage, where the VAE's first (encoder) and last (decoder) blocks have ``block_out_channels[0]``
+    channels, as float32 input and output of the stage plus the half-resolution stage's share (about half as much
+    again; lower resolutions hold more channels on 4x fewer pixels, so this one bounds them), or for a pointwise
+    autoencoder (``PatchAutoencoder``, never tiled) :data:`POINTWISE_LATENT_COPIES` image-sized latents."""
+    image = 4 * 3 * height * width
     if getattr(vae, "pointwise", False):
-        return 0
+        return (WHOLE_IMAGE_COPIES + POINTWISE_LATENT_COPIES) * image
     channels = int(vae.config.block_out_channels[0])
-    return int(3 * 4 * channels * height * width)
+    return WHOLE_IMAGE_COPIES * image + int(3 * 4 * channels * height * width)
 
 
 def choose_tile_store(vae, height: int, width: int, free_bytes: int | None = None) -> str:
-    """``disk`` when the ``ram`` store's whole-image activations (:func:`ram_store_bytes`) would take more than
-    ``RAM_STORE_SHARE`` of the free RAM (``free_bytes``, else :func:`available_ram`), else ``ram``. Both give the
-    same pixels; ``disk`` bounds memory by one tile and costs the time of writing the tiles to a temporary
-    folder."""
+    """``disk`` when the in-memory path (:func:`ram_store_bytes`) would take more than ``RAM_STORE_SHARE`` of the
+    free RAM (``free_bytes``, else :func:`available_ram`), else ``ram``. Both give the same pixels (AdaIN up to
+    float32 rounding of its statistics); ``disk`` keeps every whole-image tensor and tile activation in a
+    temporary folder, so memory is bounded by the tiles and a band of rows, at the cost of writing them there."""
     free = available_ram() if free_bytes is None else free_bytes
     if free is None:
         return "ram"

@@ -174,6 +174,14 @@ def count_vae_tiles(height: int, width: int, tile: int, padding: int) -> int:
 TILE_STORES = ("ram", "disk")
 
 
+class RegionSource:
+    """An input of :func:`tiled_vae_apply` read region by region: ``shape`` ``(B, C, H, W)``, ``device``, and
+    ``region(y0, y1, x0, x1)``, the tensor ``(B, C, y1 - y0, x1 - x0)`` on ``device``."""
+
+    def __init__(self, shape: tuple[int, int, int, int], device: torch.device, region: Callable[[int, int, int, int], torch.Tensor]):
+        self.shape, self.device, self.region = tuple(shape), torch.device(device), region
+
+
 @dataclass
 class _Tile:
     region: tuple[int, int, int, int]
@@ -219,12 +227,21 @@ def _store(kind: str) -> Iterator[_Store]:
     if kind == "ram":
         yield _Store(None)
         return
+    with scratch_folder() as folder:
+        yield _Store(folder)
+
+
+@contextmanager
+def scratch_folder() -> Iterator[Path]:
+    """A temporary folder for what waits on disk during one run (tiles, whole-image planes), under ``TMPDIR``;
+    locked while it lives and removed on leaving, also on an exception. The first one of a process removes those
+    a killed process left behind."""
     global _swept
-    if not _swept:  # the first disk store of a process removes those a killed process left behind
+    if not _swept:
         sweep_stale_temporaries(TILE_FOLDER_PREFIX)
         _swept = True
-    with temporary_folder(TILE_FOLDER_PREFIX) as folder:  # locked while it lives, removed on any exception
-        yield _Store(folder)
+    with temporary_folder(TILE_FOLDER_PREFIX) as folder:
+        yield folder
 
 
 def _core_of(x: torch.Tensor, tile: _Tile) -> torch.Tensor:
@@ -257,13 +274,17 @@ def tiled_vae_apply(
     ratio: float,
     progress: Callable[[], None] | None = None,
     store: str = "ram",
-) -> torch.Tensor:
+    into: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> torch.Tensor | None:
     """Run ``steps`` (from :func:`encoder_steps` or :func:`decoder_steps`) on ``x`` ``(B, C, H, W)`` tile by tile.
 
-    ``tile`` and ``padding`` are in units of ``x``; ``ratio`` is output size / input size (1/8 for the SD
-    encoder, 8 for the decoder). ``store`` is where tiles wait between stages (``ram`` or ``disk``, see the module
-    doc). ``progress`` is called once per tile per GroupNorm stage (``count_vae_tiles * (count_norms(steps) + 1)``
-    calls in all).
+    ``x`` is a tensor, or a :class:`RegionSource` that reads the input region by region (so a whole-image input
+    need not be in memory). ``tile`` and ``padding`` are in units of ``x``; ``ratio`` is output size / input size
+    (1/8 for the SD encoder, 8 for the decoder). ``store`` is where tiles wait between stages (``ram`` or ``disk``,
+    see the module doc). ``progress`` is called once per tile per GroupNorm stage (``count_vae_tiles *
+    (count_norms(steps) + 1)`` calls in all). The output is returned whole, or, with ``into``, handed over tile by
+    tile as ``into(y0, x0, part)`` (``part`` ``(B, C', h, w)`` at output rows ``y0 ...``, columns ``x0 ...``; the
+    parts tile the output exactly once) and ``None`` is returned.
     """
     height, width = x.shape[-2:]
     unit = max(1, round(1 / ratio))
@@ -289,7 +310,7 @@ def tiled_vae_apply(
             for number, t in enumerate(tiles):
                 if t.x is None:
                     py0, py1, px0, px1 = t.region
-                    h = x[..., py0:py1, px0:px1]
+                    h = x.region(py0, py1, px0, px1) if isinstance(x, RegionSource) else x[..., py0:py1, px0:px1]
                 else:
                     h = parking.take(t.x, x.device)
                 if t.residual is not None:
@@ -311,13 +332,15 @@ def tiled_vae_apply(
         out = None
         for t in tiles:
             h = parking.take(t.x, x.device)
-            if out is None:
-                out = torch.empty(*h.shape[:2], round(height * ratio), round(width * ratio), dtype=h.dtype, device=x.device)
             py0, _, px0, _ = t.region
             y0, y1, x0, x1 = t.core
             oy, ox = round((py0 + y0) * ratio), round((px0 + x0) * ratio)
             size_y, size_x = round((y1 - y0) * ratio), round((x1 - x0) * ratio)
-            out[..., oy : oy + size_y, ox : ox + size_x] = h[
-                ..., round(y0 * ratio) : round(y0 * ratio) + size_y, round(x0 * ratio) : round(x0 * ratio) + size_x
-            ]
+            part = h[..., round(y0 * ratio) : round(y0 * ratio) + size_y, round(x0 * ratio) : round(x0 * ratio) + size_x]
+            if into is not None:
+                into(oy, ox, part)
+                continue
+            if out is None:
+                out = torch.empty(*h.shape[:2], round(height * ratio), round(width * ratio), dtype=h.dtype, device=x.device)
+            out[..., oy : oy + size_y, ox : ox + size_x] = part
     return out

@@ -101,24 +101,62 @@ def gaussian_blend_predictions(
     :func:`gaussian_tile_weights`. ``tile_batch_size`` tiles go through ``predict`` together.
     Returns float32 ``(B, C, H, W)``.
     """
-    _, _, height, width = latents.shape
+    bands = []
+    gaussian_blend_rows(
+        predict, lambda y0, y1: latents[..., y0:y1, :], tuple(latents.shape), tile, overlap,
+        lambda y0, rows: bands.append(rows), progress, tile_batch_size,
+    )
+    return torch.cat(bands, dim=-2)
+
+
+def gaussian_blend_rows(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    read_rows: Callable[[int, int], torch.Tensor],
+    shape: tuple[int, int, int, int],
+    tile: int | tuple[int, int],
+    overlap: int,
+    emit: Callable[[int, torch.Tensor], None],
+    progress: Callable[[], None] | None = None,
+    tile_batch_size: int = 1,
+) -> None:
+    """:func:`gaussian_blend_predictions` on latents of ``shape`` ``(B, C, H, W)`` that are never whole in memory:
+    ``read_rows(y0, y1)`` gives latent rows ``[y0, y1)`` ``(B, C, y1 - y0, W)``, and the blended prediction leaves
+    in row bands, ``emit(y0, rows)`` with ``rows`` float32 ``(B, C', r, W)``, in order, as soon as no later tile
+    covers them. Tiles run in the same order and every pixel sums the same terms in the same order, so the bands
+    equal the whole result bit for bit; memory holds the rows of one or two tile rows, not the image."""
+    batch, _, height, width = shape
     tile_h, tile_w = _tile_pair(tile)
     tile_h, tile_w = min(tile_h, height), min(tile_w, width)
     rows = overlapping_tile_starts(height, tile_h, overlap)
     cols = overlapping_tile_starts(width, tile_w, overlap)
-    window = gaussian_tile_weights(tile_h, tile_w).to(device=latents.device, dtype=torch.float32)
-    blended = None
-    weight_sum = torch.zeros(height, width, device=latents.device, dtype=torch.float32)
+    window = None
     positions = [(y, x) for y in rows for x in cols]
+    band_start, blended, weight_sum = 0, None, None  # the rows [band_start, band_start + len) not yet emitted
+    source_start, source = 0, None  # latent rows read for the current tile row(s)
     for first in range(0, len(positions), tile_batch_size):
         chunk = positions[first : first + tile_batch_size]
-        tiles = torch.cat([latents[..., y : y + tile_h, x : x + tile_w] for y, x in chunk])
-        outputs = predict(tiles).float().split(latents.shape[0])
+        top, bottom = chunk[0][0], chunk[-1][0] + tile_h
+        if source is None or top < source_start or bottom > source_start + source.shape[-2]:
+            source_start, source = top, read_rows(top, bottom)
+        tiles = torch.cat([source[..., y - source_start : y - source_start + tile_h, x : x + tile_w] for y, x in chunk])
+        outputs = predict(tiles).float().split(batch)
+        if window is None:
+            window = gaussian_tile_weights(tile_h, tile_w).to(device=outputs[0].device, dtype=torch.float32)
         for (y, x), out in zip(chunk, outputs):
             if blended is None:
-                blended = torch.zeros(latents.shape[0], out.shape[1], height, width, device=latents.device)
-            blended[..., y : y + tile_h, x : x + tile_w] += out * window
-            weight_sum[y : y + tile_h, x : x + tile_w] += window
+                blended = torch.zeros(batch, out.shape[1], 0, width, device=out.device)
+                weight_sum = torch.zeros(0, width, device=out.device)
+            missing = y + tile_h - (band_start + blended.shape[-2])
+            if missing > 0:
+                blended = torch.cat([blended, blended.new_zeros(*blended.shape[:2], missing, width)], dim=-2)
+                weight_sum = torch.cat([weight_sum, weight_sum.new_zeros(missing, width)])
+            blended[..., y - band_start : y - band_start + tile_h, x : x + tile_w] += out * window
+            weight_sum[y - band_start : y - band_start + tile_h, x : x + tile_w] += window
             if progress is not None:
                 progress()
-    return blended / weight_sum
+        following = first + len(chunk)
+        done_to = positions[following][0] if following < len(positions) else height  # no later tile covers these
+        if done_to > band_start:
+            emit(band_start, blended[..., : done_to - band_start, :] / weight_sum[: done_to - band_start])
+            blended, weight_sum = blended[..., done_to - band_start :, :].clone(), weight_sum[done_to - band_start :].clone()
+            band_start = done_to

@@ -59,8 +59,9 @@ class Upscale(io.ComfyNode):
             display_name="Upscale Image (One-Step Diffusion SR)",
             category="image/upscaling",
             description="Super-resolves images in one diffusion step, tile by tile. Memory stays within what is free: "
-            "when the VAE's whole-image activations would take more than half the free memory, its tiles wait on disk "
-            "(same result, memory bounded by one tile); the input, output and latents still scale with the image.",
+            "when the in-memory path would take more than half the free memory, the VAE's tiles and every whole-image "
+            "tensor wait on disk (same result, memory bounded by the tiles). The IMAGE output itself is float32: "
+            "12 bytes a pixel, 576 MB for an 8000x6000 result.",
             search_aliases=SEARCH_ALIASES,
             inputs=[
                 D3SR_MODEL.Input("d3sr_model", tooltip="From Load One-Step SR Model."),
@@ -123,13 +124,16 @@ class Upscale(io.ComfyNode):
                 upscaler = Upscaler(generator, device=device, dtype=dtype_name(d3sr_model.precision, device))
                 total = batch * upscaler.count_steps(height, width, options)
                 pbar = ProgressBar(total)
+                # The IMAGE output itself, float32 (B, H, W, C): the core fills it frame by frame, band by band with
+                # the disk store, so no other copy of the result is ever made.
+                out = torch.empty(batch, height * options.scale, width * options.scale, channels,
+                                  device=model_management.intermediate_device())
                 with tqdm(total=total, desc="D3SR", unit="tile") as eta:  # the console shows the ETA
                     for index in range(batch):
-                        result = cls._upscale_one(upscaler, images[index : index + 1], options, pbar, eta)
-                        if out is None:  # one output tensor, filled frame by frame: no second copy for long batches
-                            out = torch.empty(batch, *result.shape[2:], result.shape[1], device=model_management.intermediate_device())
-                        out[index] = result[0].movedim(0, -1).clamp(0, 1).to(out)
-                        del result
+                        cls._upscale_one(upscaler, images[index : index + 1], options, pbar, eta, out[index : index + 1])
+        except BaseException:
+            out = None  # a host that keeps the exception keeps this frame, but not the image buffer
+            raise
         finally:
             for module in (generator.denoiser, generator.vae):  # what it borrows stays the host's, where the host keeps it
                 offload(module, model_management.unet_offload_device())
@@ -137,7 +141,7 @@ class Upscale(io.ComfyNode):
         return io.NodeOutput(out)
 
     @staticmethod
-    def _upscale_one(upscaler, image, options, pbar, eta):
+    def _upscale_one(upscaler, image, options, pbar, eta, out):
         start = pbar.current
 
         def progress(done, total):
@@ -145,4 +149,4 @@ class Upscale(io.ComfyNode):
             pbar.update_absolute(start + done)
             eta.update(start + done - eta.n)
 
-        return upscaler.upscale_within_memory(image, options, progress, model_management.soft_empty_cache).cpu()
+        upscaler.upscale_within_memory(image, options, progress, model_management.soft_empty_cache, out=out)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from a1111_routes import registered_routes
 from d3sr_cli.main import main as d3sr
+from held_tensors import image_sized_tensors
 from tiny_models import random_image, write_diffusers_base, write_osediff_pkl, write_sd3_base, write_tsdsr_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,11 +188,11 @@ def test_api_job_progress_is_never_negative(ext, monkeypatch):
     seen = []
     real = ext.OneStepUpscaler.upscale_within_memory
 
-    def watching(self, images, options, progress=None, free_cache=None):
+    def watching(self, images, options, progress=None, free_cache=None, out=None):
         def spy(done, total):
             progress(done, total)
             seen.append(shared.state.progress())
-        return real(self, images, options, spy, free_cache)
+        return real(self, images, options, spy, free_cache, out)
 
     monkeypatch.setattr(ext.OneStepUpscaler, "upscale_within_memory", watching)
     buffer = io.BytesIO()
@@ -207,7 +208,7 @@ def test_tile_values_mean_the_same_as_in_every_host(ext, monkeypatch):
     captured = []
     real = ext.OneStepUpscaler.upscale_within_memory
     monkeypatch.setattr(ext.OneStepUpscaler, "upscale_within_memory",
-                        lambda self, images, options, *a: captured.append(options) or real(self, images, options, *a))
+                        lambda self, images, options, *a, **k: captured.append(options) or real(self, images, options, *a, **k))
     models = ext.list_models()
     ext.upscale_image(photo(), models["osediff"], "tiny-sd2", scale=2)
     ext.upscale_image(photo(), models["osediff"], "tiny-sd2", scale=2, tile_size=0)
@@ -398,3 +399,65 @@ def test_manual_webui_check_runs_install_py_as_the_launcher_does(tmp_path):
     (webui / "extensions" / "d3sr").mkdir()
     with pytest.raises(check.CheckFailed, match="is not a link to"):
         check.check_install(webui, sys.executable)
+
+
+def test_interrupt_on_the_disk_store_removes_its_files_and_frees_the_image(ext, monkeypatch, tmp_path):
+    """Low free RAM puts the run on disk; Interrupt mid-run returns the input, leaves no scratch folder and no
+    image-sized tensor."""
+    import tempfile
+
+    import torch
+    from modules import shared
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(ext, "free_memory", lambda device: 1024**2)
+    monkeypatch.setitem(shared.opts.data, "d3sr_vae_tile_size", 128)  # tiles enough for an interrupt mid-run
+    models = ext.list_models()
+    image = photo(40, 56)
+    sizes = {(80, 112), (512, 717)}  # the output (scale 2) and the processing size (min_process_side 512)
+
+    before, scratch, stores = len(image_sized_tensors(sizes)), [], []
+    real = ext.OneStepUpscaler.upscale_within_memory
+
+    def interrupting(self, images, options, progress=None, free_cache=None, out=None):
+        stores.append(options.vae_tile_store)
+
+        def late(done, total):
+            if done > 3:
+                scratch.extend(tmp_path.glob("d3sr-vae-tiles-*"))
+                monkeypatch.setattr(shared.state, "interrupted", True)
+            progress(done, total)
+        return real(self, images, options, late, free_cache, out)
+
+    monkeypatch.setattr(ext.OneStepUpscaler, "upscale_within_memory", interrupting)
+    assert ext.upscale_image(image, models["osediff"], "tiny-sd2", scale=2) is image
+    assert stores == ["disk"] and scratch and not list(tmp_path.glob("d3sr-vae-tiles-*"))
+    assert len(image_sized_tensors(sizes)) == before
+
+
+def test_tsdsr_runs_on_an_sd3_single_file_in_models_stable_diffusion(ext, models, monkeypatch, tmp_path):
+    """The SD3 base setting takes Stability's single file (here the tiny SD3 in that layout, with the tiny configs
+    standing in for the shipped SD3-medium ones); the image equals the one on the same weights as a diffusers folder."""
+    import json
+    import shutil
+
+    from modules import shared
+
+    from d3sr_core.backbones import sd3
+    from test_sd3_single_file import write_stability_file
+    from tiny_models import tiny_sd3_transformer, tiny_sd3_vae
+
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "transformer.json").write_text(json.dumps(dict(tiny_sd3_transformer().config)))
+    (config / "vae.json").write_text(json.dumps(dict(tiny_sd3_vae().config)))
+    shutil.copy(sd3.SHIPPED_CONFIG_DIR / "scheduler.json", config / "scheduler.json")
+    monkeypatch.setattr(sd3, "SHIPPED_CONFIG_DIR", config)
+    (models / "Stable-diffusion").mkdir(exist_ok=True)
+    write_stability_file(models / "Stable-diffusion" / "tiny_sd3.safetensors", tiny_sd3_transformer(), tiny_sd3_vae())
+    upscaler = ext.UpscalerD3SR(None)
+    image = photo(16, 16)
+    from_folder = np.asarray(upscaler.do_upscale(image, upscaler.scalers[2].data_path))
+    monkeypatch.setattr(shared.opts, "d3sr_base_sd3", "tiny_sd3.safetensors")
+    from_file = np.asarray(upscaler.do_upscale(image, upscaler.scalers[2].data_path))
+    assert from_file.shape == (64, 64, 3) and np.array_equal(from_file, from_folder)

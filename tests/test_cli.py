@@ -261,3 +261,29 @@ def test_tile_value_below_minus_one_is_one_sentence(tmp_path, model, tiny_base_d
     assert upscale([tmp_path / "x.png", "-o", tmp_path / "out", "--tile-size", "-2"], model, tiny_base_dir) == 2
     assert_one_error(capsys, "tile_size=-2 is not allowed", "-1 (the model's default), 0 (off)")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_tile_store_follows_the_free_ram_per_image(tmp_path, model, tiny_base_dir, monkeypatch):
+    """Without --vae-tile-store the store is chosen per image from the free RAM, as in ComfyUI and A1111; on disk a
+    16-bit input is upscaled straight into a 16-bit buffer and written with the in-memory path's levels (AdaIN's
+    statistics summed by bands: within IMAGE_REORDER)."""
+    import d3sr_core.memory as memory
+    from d3sr_core.pipeline import Upscaler
+    from bounds import IMAGE_REORDER
+
+    data = (photo(32, 40) * 65535).round().astype(np.uint16)
+    png.Writer(40, 32, greyscale=False, bitdepth=16).write(open(tmp_path / "deep.png", "wb"), data.reshape(32, 120))
+    seen, real = [], Upscaler.upscale
+
+    def watched(self, images, options, progress=None, out=None):
+        seen.append((options.vae_tile_store, None if out is None else out.dtype, progress is not None))
+        return real(self, images, options, progress, out)
+
+    monkeypatch.setattr(Upscaler, "upscale", watched)
+    assert upscale([tmp_path / "deep.png", "-o", tmp_path / "roomy", "--scale", "2"], model, tiny_base_dir) == 0
+    monkeypatch.setattr(memory, "available_ram", lambda: 1024**2)
+    assert upscale([tmp_path / "deep.png", "-o", tmp_path / "tight", "--scale", "2"], model, tiny_base_dir) == 0
+    assert seen == [("ram", None, True), ("disk", torch.uint16, True)]  # a tile progress bar in both
+    levels = [np.vstack(list(png.Reader(filename=str(tmp_path / run / "deep.png")).asDirect()[2])).astype(int)
+              for run in ("roomy", "tight")]
+    assert levels[0].shape == (64, 240) and np.abs(levels[0] - levels[1]).max() <= IMAGE_REORDER * 65535

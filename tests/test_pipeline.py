@@ -137,7 +137,7 @@ def test_out_of_memory_halves_tiles_down_to_the_floor_then_gives_up(upscaler, mo
 
     tried, freed = [], []
 
-    def always_out_of_memory(images, options, progress=None):
+    def always_out_of_memory(images, options, progress=None, out=None):
         tried.append((options.tile_size, options.vae_encoder_tile_size, options.vae_decoder_tile_size))
         raise OutOfMemoryError("out of memory")
 

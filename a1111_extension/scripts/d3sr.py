@@ -26,7 +26,7 @@ try:
     from d3sr_core.checkpoints import embeds_base, listable_models, peek
     from d3sr_core.color import COLOR_FIXES
     from d3sr_core.host_options import DEFAULT, host_options, with_tile_store
-    from d3sr_core.image_io import from_pil, to_pil
+    from d3sr_core.image_io import from_pil, output_levels, pil_from_levels
     from d3sr_core.loading import ModelCache, bundled_models
     from d3sr_core.memory import free_memory, released_after_run
     from d3sr_core.options import DEFAULT_MAX_OUTPUT_PIXELS, DEFAULT_MAX_SCALE, UpscaleOptions
@@ -150,9 +150,15 @@ def upscale_image(image: Image.Image, model_path: str, base: str = FROM_SETTINGS
     try:
         with released_after_run():
             upscaler = OneStepUpscaler(loaded.generator, device=device, dtype=dtype_name(device))
-            return to_pil(upscaler.upscale_within_memory(pixels, options, progress, devices.torch_gc)[0])
+            # 8-bit levels, filled by the core (band by band with the disk store): the result is never a float image.
+            out = output_levels(image.height * options.scale, image.width * options.scale, pixels.shape[1])
+            upscaler.upscale_within_memory(pixels, options, progress, devices.torch_gc, out=out)
+            return pil_from_levels(out[0])
     except Interrupted:
         return image
+    except BaseException:
+        out = None  # a caller that keeps the exception keeps this frame, but not the result buffer
+        raise
     finally:
         loaded.generator.to("cpu")
         if not shared.opts.data.get("d3sr_keep_loaded", True):
