@@ -458,6 +458,9 @@ def test_tsdsr_runs_on_an_sd3_single_file_in_models_stable_diffusion(ext, models
     upscaler = ext.UpscalerD3SR(None)
     image = photo(16, 16)
     from_folder = np.asarray(upscaler.do_upscale(image, upscaler.scalers[2].data_path))
-    monkeypatch.setattr(shared.opts, "d3sr_base_sd3", "tiny_sd3.safetensors")
-    from_file = np.asarray(upscaler.do_upscale(image, upscaler.scalers[2].data_path))
+    shared.opts.d3sr_base_sd3 = "tiny_sd3.safetensors"
+    try:
+        from_file = np.asarray(upscaler.do_upscale(image, upscaler.scalers[2].data_path))
+    finally:
+        shared.opts.d3sr_base_sd3 = "tiny-sd3"
     assert from_file.shape == (64, 64, 3) and np.array_equal(from_file, from_folder)
