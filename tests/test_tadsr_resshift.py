@@ -263,3 +263,11 @@ def test_official_resshift_files_are_the_teacher(hr_dir, tmp_path):
     # An SD-only option the ResShift path has no use for is not silently taken for another.
     with pytest.raises(ValueError, match="model.init_generator does not apply"):
         METHODS["tadsr"](tiny_config(hr_dir, f"model.init_generator={files['unet']}"))
+    # The official .pth is recognised by its keys alone: without its autoencoder the run says what is missing.
+    bare = tiny_config(hr_dir, "model.base_configs=null", f"model.base={files['unet']}")
+    with pytest.raises(ValueError, match="give its VQ autoencoder as model.autoencoder"):
+        METHODS["tadsr"](bare)
+    # A method that trains on SD refuses a ResShift base in one sentence.
+    with pytest.raises(ValueError, match="describes a ResShift base, which only --method tadsr trains on"):
+        METHODS["d3sr"](load_config(preset="tiny-resshift", overrides=["method=d3sr", f"data.hr_dir={hr_dir}"],
+                                    method_defaults=METHODS["d3sr"].defaults, other_sections=tuple(METHODS)))

@@ -18,6 +18,7 @@ from torch import nn
 
 from d3sr_core.backbones import BaseModel, load_base
 from d3sr_core.backbones.base import FAMILIES
+from d3sr_core.backbones.resshift import is_resshift_unet_state
 from d3sr_core.backbones.patch_autoencoder import autoencoder_from_config
 from d3sr_core.backbones.sd2 import sd2_base
 from d3sr_core.backbones.sd3 import sd3_base
@@ -26,10 +27,11 @@ from d3sr_core.checkpoints import (
     OneStepCheckpoint,
     generator_on_base,
     load_checkpoint,
+    peek,
     save_checkpoint,
     write_tsdsr_dir,
 )
-from d3sr_core.files import atomic_output
+from d3sr_core.files import ModelFileError, atomic_output, read_pickle
 from d3sr_core.kohya import kohya_unet_lora
 from d3sr_core.generator import OneStepGenerator, vae_scale_factor
 from d3sr_core.lora import AdapterSpec, add_adapters, unwrapped_name
@@ -71,6 +73,28 @@ class TrainingBase:
     embeds); empty for a base loaded from a path that exports name instead."""
 
 
+def is_resshift_base(model: dict) -> bool:
+    """Whether ``model`` (the run's ``model`` section) names a ResShift base: ResShift configs in
+    ``model.base_configs`` (``vae`` holds the official autoencoder's ``ddconfig``), a VQ autoencoder in
+    ``model.autoencoder``, or a ``model.base`` file that reads as a ResShift model."""
+    configs = model.get("base_configs")
+    if isinstance(configs, dict):
+        return isinstance(configs.get("vae"), dict) and "ddconfig" in configs["vae"]
+    if model.get("autoencoder") is not None:
+        return True
+    base = model.get("base")
+    # The official ResShift / TAD-SR files are .pth (.pt), read here (weights only) as their keys tell nothing
+    # else; ours are .safetensors, whose header says the family. SD single files (.ckpt) are never unpickled here.
+    if base is None or not Path(base).is_file() or Path(base).suffix not in (".pth", ".pt", ".safetensors"):
+        return False
+    try:
+        if Path(base).suffix == ".safetensors":
+            return peek(base)[0] == "resshift"
+        return is_resshift_unet_state(read_pickle(base, "a ResShift or TAD-SR UNet checkpoint (.pth)"))
+    except (ModelFileError, ValueError, OSError):
+        return False
+
+
 def build_training_base(model_config: dict, families: tuple[str, ...] = ("sd2",)) -> TrainingBase:
     """Load ``model.base`` (a path) or build ``model.base_configs`` with random weights (seed the global RNG first).
 
@@ -82,6 +106,8 @@ def build_training_base(model_config: dict, families: tuple[str, ...] = ("sd2",)
     ``model.embed_base`` makes exports self-contained for a base loaded from a path too.
     """
     path, configs = model_config.get("base"), model_config.get("base_configs")
+    if is_resshift_base(model_config):
+        raise ValueError("the model section describes a ResShift base, which only --method tadsr trains on.")
     if (path is None) == (configs is None):
         raise ValueError("give exactly one of model.base (a base model path) and model.base_configs (configs to build one).")
     base = load_base(path) if path is not None else _base_from_configs(configs)

@@ -35,9 +35,8 @@ from d3sr_core.backbones.resshift import (
     vq_diffusers_config,
     vq_from_config,
 )
-from d3sr_core.checkpoints import OneStepCheckpoint, peek, save_checkpoint
+from d3sr_core.checkpoints import OneStepCheckpoint, save_checkpoint
 from d3sr_core.discriminators import TimeAwareDiscriminator
-from d3sr_core.files import ModelFileError
 from d3sr_core.losses import gan_discriminator_loss, gan_generator_loss, high_frequency_score_distillation
 from d3sr_core.options import PRESETS, UpscaleOptions
 from d3sr_core.residual_shift import (
@@ -50,7 +49,7 @@ from d3sr_core.residual_shift import (
     schedule_from_config,
 )
 
-from ..generator import portable_paths
+from ..generator import is_resshift_base, portable_paths
 from .base import OptimizerSpec, TrainingMethod, frozen_dtype
 
 RESSHIFT_DEFAULTS = {
@@ -65,25 +64,6 @@ RESSHIFT_DEFAULTS = {
 """``tadsr.resshift``: the options of TAD-SR on a ResShift base."""
 HSD_TARGETS = ("teacher", "gt")
 NOISES = ("gaussian", "uniform")
-PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".pkl")
-
-
-def is_resshift_base(model: dict) -> bool:
-    """Whether ``model`` (the run's ``model`` section) names a ResShift base: ResShift configs in
-    ``model.base_configs`` (``vae`` holds the official autoencoder's ``ddconfig``), a VQ autoencoder in
-    ``model.autoencoder``, or a ``model.base`` file that reads as a ResShift model."""
-    configs = model.get("base_configs")
-    if isinstance(configs, dict):
-        return isinstance(configs.get("vae"), dict) and "ddconfig" in configs["vae"]
-    if model.get("autoencoder") is not None:
-        return True
-    base = model.get("base")
-    if base is None or not Path(base).is_file() or Path(base).suffix not in PICKLE_SUFFIXES + (".safetensors",):
-        return False
-    try:
-        return peek(base)[0] == "resshift"
-    except (ModelFileError, ValueError, OSError):
-        return False
 
 
 def resshift_teacher(model: dict) -> ResShiftGenerator:
@@ -103,6 +83,9 @@ def resshift_teacher(model: dict) -> ResShiftGenerator:
     else:
         from d3sr_core.loading import load_model
 
+        if Path(model["base"]).suffix != ".safetensors" and model.get("autoencoder") is None:
+            raise ValueError(f"model.base {model['base']} is a ResShift UNet; give its VQ autoencoder as model.autoencoder "
+                             "(autoencoder_vq_f4.pth).")
         teacher = load_model(model["base"], model.get("autoencoder"), base_config=model.get("resshift_config")).generator
         if not isinstance(teacher, ResShiftGenerator):
             raise ValueError(f"model.base {model['base']} is not a ResShift model.")
