@@ -13,6 +13,7 @@ fraction of their magnitude, which each test checks where it can (``MATTERS``-st
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -66,6 +67,21 @@ def scaled(x: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
     return (x / torch.sqrt(eta * KAPPA**2 + 1)).float()
 
 
+def reference_ddim(net, x_T: torch.Tensor, z_y: torch.Tensor, lq: torch.Tensor, visited: list[int]) -> torch.Tensor:
+    """The official ``ddim_sample_loop`` over the ``visited`` timesteps (ascending), last first: x0 of the network,
+    then ``k x0 + m x + j y`` with the official k, m, j; the float64 etas in closed form."""
+    etas, x = reference_etas(), x_T.double()
+    for i in reversed(range(len(visited))):
+        t, eta = visited[i], etas[visited[i]]
+        eta_prev = etas[visited[i - 1]] if i else torch.zeros((), dtype=torch.float64)
+        with torch.no_grad():
+            x0 = net(scaled(x, eta), torch.full((x.shape[0],), t), lq=lq).double()
+        k = 1 - eta_prev + torch.sqrt(eta_prev * eta) - torch.sqrt(eta_prev / eta)
+        m, j = torch.sqrt(eta_prev / eta), eta_prev - torch.sqrt(eta_prev * eta)
+        x = x0 * k + m * x + j * z_y.double()
+    return x.float()
+
+
 @pytest.fixture(scope="module")
 def method(hr_dir) -> TADSRResShiftMethod:
     torch.manual_seed(0)
@@ -97,26 +113,12 @@ def test_teacher_target_is_the_official_ddim_loop(method):
     lq = torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1
     z_y = torch.randn(2, 3, 16, 16, generator=gen)
     x_T = z_y + KAPPA * 0.99 * torch.randn(2, 3, 16, 16, generator=gen)
-    net, etas = method.teacher.denoiser, reference_etas()
-
-    def reference(visited: list[int]) -> torch.Tensor:
-        x = x_T.double()
-        for i in reversed(range(len(visited))):
-            t, eta = visited[i], etas[visited[i]]
-            eta_prev = etas[visited[i - 1]] if i else torch.zeros((), dtype=torch.float64)
-            with torch.no_grad():
-                x0 = net(scaled(x, eta), torch.full((2,), t), lq=lq).double()
-            k = 1 - eta_prev + torch.sqrt(eta_prev * eta) - torch.sqrt(eta_prev / eta)
-            m, j = torch.sqrt(eta_prev / eta), eta_prev - torch.sqrt(eta_prev * eta)
-            x = x0 * k + m * x + j * z_y.double()
-        return x.float()
-
     with torch.no_grad():
         full = method.teacher.ddim_x_start(x_T, z_y, lq)
         respaced = method.teacher.ddim_x_start(x_T, z_y, lq, 4)
-    expected = reference(list(range(STEPS)))
+    expected = reference_ddim(method.teacher.denoiser, x_T, z_y, lq, list(range(STEPS)))
     assert max_difference(full, expected) <= RELATIVE_REORDER * expected.abs().max().item()
-    expected_4 = reference([0, 3, 7, 11])
+    expected_4 = reference_ddim(method.teacher.denoiser, x_T, z_y, lq, [0, 3, 7, 11])
     assert max_difference(respaced, expected_4) <= RELATIVE_REORDER * expected_4.abs().max().item()
     assert max_difference(full, respaced) > 1e-2  # the step count matters, so the comparison above can fail
 
@@ -271,3 +273,25 @@ def test_official_resshift_files_are_the_teacher(hr_dir, tmp_path):
     with pytest.raises(ValueError, match="describes a ResShift base, which only --method tadsr trains on"):
         METHODS["d3sr"](load_config(preset="tiny-resshift", overrides=["method=d3sr", f"data.hr_dir={hr_dir}"],
                                     method_defaults=METHODS["d3sr"].defaults, other_sections=tuple(METHODS)))
+
+
+def test_a_training_step_regresses_the_student_to_the_teacher_from_the_same_x_T(hr_dir, tmp_path):
+    trainer = Trainer(tiny_config(hr_dir, "train.max_steps=1"), tmp_path / "run")
+    method = trainer.method
+    batch = next(iter(trainer._dataloader()))
+    student = copy.deepcopy(method.student).eval()
+    logs = method.training_step(batch, 0, torch.Generator().manual_seed(11))
+    # Reference: x_T = z_y + kappa sqrt(eta_T) eps with eps the step's first draw; sqrt(eta_T) = etas_end = 0.99.
+    lq = batch["lq"]
+    with torch.no_grad():
+        z_y = method.teacher.encode(F.interpolate(lq, scale_factor=4, mode="bicubic"))
+        eps = torch.randn(z_y.shape, generator=torch.Generator().manual_seed(11))
+        x_T = z_y.double() + KAPPA * 0.99 * eps.double()
+        z_hat = student(scaled(x_T, reference_etas()[-1]), torch.full((lq.shape[0],), STEPS - 1), lq=lq).double()
+        z_teacher = reference_ddim(method.teacher.denoiser, x_T.float(), z_y, lq, list(range(STEPS))).double()
+    expected = (z_hat - z_teacher).pow(2).mean().item()
+    assert abs(logs["regression"] - expected) <= RELATIVE_REORDER * (z_hat - z_teacher).pow(2).max().item()
+    # Another x_T for the teacher (its own noise) would give another target: the comparison can tell.
+    with torch.no_grad():
+        other = reference_ddim(method.teacher.denoiser, (z_y + KAPPA * 0.99 * torch.randn_like(z_y)), z_y, lq, list(range(STEPS)))
+    assert abs((z_hat - other.double()).pow(2).mean().item() - expected) > 1e-3
