@@ -23,9 +23,10 @@ from d3sr_core.generator import ddim_step
 from d3sr_core.losses import diffuse, gan_discriminator_loss, gan_generator_loss, high_frequency_score_distillation
 from d3sr_core.lora import adapters_disabled
 
+from ..generator import is_resshift_base
 from .base import OptimizerSpec
 from .one_step import GENERATOR_DEFAULTS, OneStepMethod
-from .tadsr_resshift import RESSHIFT_DEFAULTS, TADSRResShiftMethod, is_resshift_base
+from .tadsr_resshift import RESSHIFT_DEFAULTS, TADSRResShiftMethod
 
 TARGETS = ("gt", "teacher")
 NOISES = ("gaussian", "uniform")

@@ -49,7 +49,7 @@ from d3sr_core.residual_shift import (
     schedule_from_config,
 )
 
-from ..generator import is_resshift_base, portable_paths
+from ..generator import portable_paths
 from .base import OptimizerSpec, TrainingMethod, frozen_dtype
 
 RESSHIFT_DEFAULTS = {
