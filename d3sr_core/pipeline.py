@@ -327,7 +327,7 @@ class Upscaler:
         whose short side is below ``min_process_side``) is resized whole. Pixels equal :meth:`upscale` in memory
         up to float32 rounding of the AdaIN statistics; ``vae_sample = "sample"`` draws the same distribution,
         image by image."""
-        batch, channels, height, width = images.shape
+        batch, channels = images.shape[:2]
         f = self.generator.pixel_multiple
         padded = (-(-process_size[0] // f) * f, -(-process_size[1] // f) * f)
         total, done = batch * self._count(*padded, options), 0
@@ -391,7 +391,7 @@ class Upscaler:
             if part.numel():
                 decoded.write(y0, x0, part.float())
 
-        encode = dict(sample=options.vae_sample == "sample", generator=seeded)
+        encode = {"sample": options.vae_sample == "sample", "generator": seeded}
         if getattr(g.vae, "pointwise", False):  # latents as large as the image: never whole, band by band
             scale = g.vae_scale_factor
             latent_shape = (1, g.vae.config.latent_channels, padded[0] // scale, padded[1] // scale)
