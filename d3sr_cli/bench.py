@@ -382,7 +382,7 @@ def run_process_peaks(arch: str, sizes: list[int], scale: int, dtype: str = "aut
         request = {"arch": arch, "size": size, "scale": scale, "options": options.to_json(), "dtype": dtype, "winograd": winograd}
         child = subprocess.run([sys.executable, "-m", "d3sr_cli.bench", json.dumps(request)], capture_output=True, text=True)
         if child.returncode != 0:
-            raise RuntimeError(f"the {size} px measurement failed: {child.stderr.strip().splitlines()[-1:]}")
+            raise ChildProcessError(f"the {size} px measurement failed: {child.stderr.strip().splitlines()[-1:]}")
         row = json.loads(child.stdout.strip().splitlines()[-1])
         rows.append(row)
         progress(f"{size}px -> {row['output_size']}px  {row['seconds']:7.2f} s  process peak {row['peak_rss_mib']:8.1f} MiB "
