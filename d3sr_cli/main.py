@@ -99,7 +99,7 @@ def _add_upscale(sub) -> None:
                    "default, 0 no VAE tiling")
     p.add_argument("--tile-batch-size", type=int, help="latent tiles per denoiser call")
     p.add_argument("--color-fix", choices=COLOR_FIXES, help="colour correction toward the input (default: the method's)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp32 on CPU, bf16/fp16 on GPU")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: on a CPU bf16 where it is native (AVX512-BF16, AMX), else fp32; bf16/fp16 on a GPU (D3SR_CPU_BF16=0 keeps fp32 on every CPU)")
     p.add_argument("--vae-sample", choices=VAE_SAMPLE_MODES, help="posterior mode (deterministic) or a seeded sample")
     p.add_argument("--seed", type=int, help="seed for --vae-sample sample, and for a ResShift / TAD-SR model's noise "
                    "(default there 12345, as officially)")
