@@ -96,7 +96,7 @@ class ModelLoader(io.ComfyNode):
                     "precision",
                     options=list(DTYPES),
                     default="auto",
-                    tooltip="auto: fp32 on CPU, bf16 or fp16 on GPU as ComfyUI prefers. fp16 keeps the VAE in fp32.",
+                    tooltip="auto: on a CPU bf16 where it is native (AVX512-BF16, AMX), else fp32; bf16 or fp16 on a GPU as ComfyUI prefers. fp16 keeps the VAE in fp32.",
                 ),
                 io.Combo.Input(
                     "base_vae",
