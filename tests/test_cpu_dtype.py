@@ -1,10 +1,11 @@
-"""What ``dtype="auto"`` means on a CPU: bf16 where the CPU multiplies bf16 natively (AVX512-BF16, AMX), fp32 with
-the Winograd convolutions elsewhere, and fp32 whenever ``D3SR_CPU_BF16=0`` (which conftest.py sets for the suite)."""
+"""CPU arithmetic modes. What ``dtype="auto"`` means on a CPU: bf16 where the CPU multiplies bf16 natively
+(AVX512-BF16, AMX), fp32 with the Winograd convolutions elsewhere, and fp32 whenever ``D3SR_CPU_BF16=0`` (which
+conftest.py sets for the suite). And subnormals flushed to zero while a model runs, the caller's mode restored."""
 
 import torch
 
 from d3sr_core.loading import DEFAULT_MODEL, load_model
-from d3sr_core.pipeline import CPU_BF16_VARIABLE, Upscaler, resolve_dtypes
+from d3sr_core.pipeline import CPU_BF16_VARIABLE, Upscaler, denormals_flushed, resolve_dtypes
 from tiny_models import random_image
 
 CPU = torch.device("cpu")
@@ -48,3 +49,27 @@ def test_the_bf16_path_takes_no_winograd_and_agrees_with_fp32(monkeypatch):
     assert outputs["auto"].shape == (1, 3, 80, 112)
     psnr = -10 * torch.log10(((outputs["auto"] - outputs["fp32"]) ** 2).mean())
     assert psnr >= BF16_AGREEMENT_DB, f"bf16 and fp32 differ by {psnr:.1f} dB"
+
+
+def _subnormals_survive() -> bool:
+    return (torch.tensor([1e-39]) * 1.0).item() != 0.0
+
+
+def test_subnormals_are_flushed_while_a_model_runs_and_the_callers_mode_comes_back(monkeypatch):
+    if not torch.set_flush_denormal(False):
+        return  # not an x86 CPU: PyTorch cannot flush here, and nothing is slow
+    assert _subnormals_survive()
+    seen = []
+    loaded = load_model(DEFAULT_MODEL)
+    upscaler = Upscaler(loaded.generator, dtype="fp32")
+    original = upscaler.generator.predict
+    monkeypatch.setattr(upscaler.generator, "predict", lambda *a, **k: seen.append(_subnormals_survive()) or original(*a, **k))
+    upscaler.upscale(random_image(12, 12, seed=1), loaded.defaults)
+    assert seen and not any(seen) and _subnormals_survive()
+    torch.set_flush_denormal(True)
+    try:
+        with denormals_flushed():
+            assert not _subnormals_survive()
+        assert not _subnormals_survive()  # a caller that flushes keeps flushing
+    finally:
+        torch.set_flush_denormal(False)
