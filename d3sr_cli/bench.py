@@ -28,7 +28,7 @@ from d3sr_core.backbones.sd2 import SHIPPED_CONFIG_DIR, sd2_base
 from d3sr_core.checkpoints import OneStepCheckpoint, build_generator
 from d3sr_core.lora import AdapterSpec, add_adapters, merge_adapters
 from d3sr_core.options import PRESETS, UpscaleOptions
-from d3sr_core.pipeline import Upscaler
+from d3sr_core.pipeline import Upscaler, resolve_dtypes
 
 from d3sr_core.memory import release_freed_memory
 
@@ -100,6 +100,26 @@ when either side computes in fp16 or bf16 (8 and 11 bits of mantissa), a PSNR of
 
 class BenchMismatch(ValueError):
     """Our path and the reference computed different images; the message is one sentence with the numbers."""
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+"""The CPU features that decide which kernels run (Winograd, oneDNN's AVX-512 and bf16 paths), as /proc/cpuinfo names them."""
+
+
+def cpu_description() -> dict:
+    """``{"name", "flags", "dtype_auto"}`` of this machine: a speed claim names the CPU it ran on."""
+    name, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "unknown":
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    auto = "bf16" if resolve_dtypes("auto", torch.device("cpu"))[0] == torch.bfloat16 else "fp32"
+    return {"name": name, "flags": [f for f in CPU_FLAGS if f in flags], "dtype_auto": auto}
 
 
 def reference_dtype(device: torch.device) -> str:
@@ -281,8 +301,8 @@ def run_bench(arch: str, sizes: list[int], scale: int, repeats: int, device: tor
         "repeats": repeats, "warmup": warmup, "ours_options": ours.to_json(),
         "reference_is": REFERENCE_IS, "reference_dtype": ref_dtype, "reference_options": osediff.to_json(),
         "agreement": agreements,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results, "ratios": ratios,
-        "memory_growth": memory_growth(results),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_description(), "results": results,
+        "ratios": ratios, "memory_growth": memory_growth(results),
     }
 
 
@@ -391,7 +411,7 @@ def run_process_peaks(arch: str, sizes: list[int], scale: int, dtype: str = "aut
     for row in rows:
         row["peak_versus_smallest"] = row["peak_rss_mib"] / first
     return {"arch": arch, "scale": scale, "dtype": dtype, "ours_options": options.to_json(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "measure": "ru_maxrss of a fresh process per size, one image, 8-bit output",
+            "threads": torch.get_num_threads(), "cpu": cpu_description(), "measure": "ru_maxrss of a fresh process per size, one image, 8-bit output",
             "process_peaks": rows}
 
 

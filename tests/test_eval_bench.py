@@ -235,6 +235,8 @@ def test_bench_checks_both_paths_compute_the_same_image_before_timing(monkeypatc
     (check,) = report["agreement"]
     assert check["ok"] and 0 < check["max_abs"] <= bench.AGREEMENT_BOUNDS["fp32"]["max_abs"]
     assert lines[0].startswith("16px: the paths agree")
+    cpu = report["cpu"]  # a speed claim names the CPU it ran on, and what auto computes in there
+    assert cpu["name"] and set(cpu["flags"]) <= set(bench.CPU_FLAGS) and cpu["dtype_auto"] == "fp32"  # conftest: D3SR_CPU_BF16=0
     # A bound nothing meets: the bench refuses before any time is taken or printed.
     monkeypatch.setitem(bench.AGREEMENT_BOUNDS, "fp32", {"max_abs": 0.0})
     lines.clear()
