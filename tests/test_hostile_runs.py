@@ -241,8 +241,13 @@ def test_sigint_and_sigterm_end_in_one_line_and_remove_the_tile_folder(slow_upsc
         return parked
 
     monkeypatch.setattr(tiled_vae._Store, "put", put_then_signal)
-    code_returned = d3sr(["upscale", str(root / "big.png"), "-o", str(out), "--model", str(model), "--vae-tile-store", "disk",
-                          "--vae-tile-size", "64", "--tile-size", "16", "--tile-overlap", "4", "--no-winograd"])
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no handler: give it Python's own.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code_returned = d3sr(["upscale", str(root / "big.png"), "-o", str(out), "--model", str(model), "--vae-tile-store",
+                              "disk", "--vae-tile-size", "64", "--tile-size", "16", "--tile-overlap", "4", "--no-winograd"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert code_returned == code, err[-2000:]
     assert seen and "Traceback" not in err and last_error(err) == f"d3sr: {words}; nothing half-written was left."
