@@ -282,15 +282,15 @@ class TrainableGenerator(nn.Module):
             theirs = checkpoint.base_tensors.get(key)
             if theirs is None or theirs.shape != original.shape or not torch.equal(theirs.to(original.dtype), original):
                 raise ValueError(f"model.init_generator {path} was trained on another base than model.base ({key} differs).")
-        trained = self.trained_parameters()
-        names = {unwrapped_name(k): k for k in trained}
-        if set(names) != set(checkpoint.tensors):
+        trained = {unwrapped_name(k): p for k, p in self.trained_parameters().items()}
+        if set(trained) != set(checkpoint.tensors):
             raise ValueError(f"model.init_generator {path} trains other weights than this run's generator (e.g. conv_in or the VAE encoder).")
+        for name, param in trained.items():
+            if checkpoint.tensors[name].shape != param.shape:
+                raise ValueError(f"model.init_generator {path} holds {name} of shape {tuple(checkpoint.tensors[name].shape)}, expected {tuple(param.shape)}.")
         with torch.no_grad():
-            for name, key in names.items():
-                if checkpoint.tensors[name].shape != trained[key].shape:
-                    raise ValueError(f"model.init_generator {path} holds {name} of shape {tuple(checkpoint.tensors[name].shape)}, expected {tuple(trained[key].shape)}.")
-                trained[key].copy_(checkpoint.tensors[name])
+            for name, param in trained.items():
+                param.copy_(checkpoint.tensors[name])
 
     def cast_frozen_(self, dtype: torch.dtype) -> None:
         """Store the frozen base weights in ``dtype`` (half precision saves memory); trained weights stay fp32."""
