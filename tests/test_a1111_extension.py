@@ -438,20 +438,14 @@ def test_interrupt_on_the_disk_store_removes_its_files_and_frees_the_image(ext, 
 def test_tsdsr_runs_on_an_sd3_single_file_in_models_stable_diffusion(ext, models, monkeypatch, tmp_path):
     """The SD3 base setting takes Stability's single file (here the tiny SD3 in that layout, with the tiny configs
     standing in for the shipped SD3-medium ones); the image equals the one on the same weights as a diffusers folder."""
-    import json
-    import shutil
 
     from modules import shared
 
     from d3sr_core.backbones import sd3
     from test_sd3_single_file import write_stability_file
-    from tiny_models import tiny_sd3_transformer, tiny_sd3_vae
+    from tiny_models import tiny_sd3_transformer, tiny_sd3_vae, write_base_config_dir
 
-    config = tmp_path / "config"
-    config.mkdir()
-    (config / "transformer.json").write_text(json.dumps(dict(tiny_sd3_transformer().config)))
-    (config / "vae.json").write_text(json.dumps(dict(tiny_sd3_vae().config)))
-    shutil.copy(sd3.SHIPPED_CONFIG_DIR / "scheduler.json", config / "scheduler.json")
+    config = write_base_config_dir(tmp_path / "config", sd3.SHIPPED_CONFIG_DIR, transformer=tiny_sd3_transformer(), vae=tiny_sd3_vae())
     monkeypatch.setattr(sd3, "SHIPPED_CONFIG_DIR", config)
     (models / "Stable-diffusion").mkdir(exist_ok=True)
     write_stability_file(models / "Stable-diffusion" / "tiny_sd3.safetensors", tiny_sd3_transformer(), tiny_sd3_vae())

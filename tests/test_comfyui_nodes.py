@@ -135,18 +135,12 @@ def test_progress_interrupt_and_oom_backoff(pack, monkeypatch):
 
 def test_loader_takes_the_base_from_the_graph(pack, models, monkeypatch, tmp_path):
     """A checkpoint loader's MODEL and VAE (ComfyUI keeps SD in the original key layout) serve as the base."""
-    import json
-    import shutil
     from types import SimpleNamespace
 
     from d3sr_core.backbones import sd2
-    from tiny_models import tiny_unet, tiny_vae, write_single_file
+    from tiny_models import tiny_unet, tiny_vae, write_base_config_dir, write_single_file
 
-    config = tmp_path / "config"
-    config.mkdir()
-    (config / "unet.json").write_text(json.dumps(dict(tiny_unet().config)))
-    (config / "vae.json").write_text(json.dumps(dict(tiny_vae().config)))
-    shutil.copy(sd2.SHIPPED_CONFIG_DIR / "scheduler.json", config / "scheduler.json")
+    config = write_base_config_dir(tmp_path / "config", sd2.SHIPPED_CONFIG_DIR, unet=tiny_unet(), vae=tiny_vae())
     monkeypatch.setattr(sd2, "SHIPPED_CONFIG_DIR", config)  # the tiny model stands in for SD 2.1-base
     write_single_file(tmp_path / "ldm.safetensors", tiny_unet(), tiny_vae())
     from safetensors.torch import load_file
@@ -199,19 +193,13 @@ def test_sd3_graph_base_borrows_the_host_weights_and_leaves_them_as_they_were(pa
     (Stability's MMDiT names, LDM VAE names, in the stored dtype); a host model's output is a function of its weights
     alone, so the weights being bit for bit what they were, in the same objects, dtype and device, is its output
     being the same before and after an upscale."""
-    import json
-    import shutil
     from types import SimpleNamespace
 
     from d3sr_core.backbones import sd3
     from test_sd3_single_file import transformer_to_stability, vae_to_ldm, write_stability_file
-    from tiny_models import tiny_sd3_transformer, tiny_sd3_vae
+    from tiny_models import tiny_sd3_transformer, tiny_sd3_vae, write_base_config_dir
 
-    config = tmp_path / "config"
-    config.mkdir()
-    (config / "transformer.json").write_text(json.dumps(dict(tiny_sd3_transformer().config)))
-    (config / "vae.json").write_text(json.dumps(dict(tiny_sd3_vae().config)))
-    shutil.copy(sd3.SHIPPED_CONFIG_DIR / "scheduler.json", config / "scheduler.json")
+    config = write_base_config_dir(tmp_path / "config", sd3.SHIPPED_CONFIG_DIR, transformer=tiny_sd3_transformer(), vae=tiny_sd3_vae())
     monkeypatch.setattr(sd3, "SHIPPED_CONFIG_DIR", config)  # the tiny model stands in for SD3-medium
     transformer, vae = tiny_sd3_transformer().half(), tiny_sd3_vae().half()
     mmdit = host_module(transformer_to_stability(transformer))

@@ -5,7 +5,7 @@ import torch
 
 from d3sr_core.backbones import load_base
 from d3sr_core.checkpoints import OneStepCheckpoint, build_generator
-from tiny_models import tiny_text_encoder, tiny_unet, tiny_vae, write_single_file
+from tiny_models import tiny_text_encoder, tiny_unet, tiny_vae, write_base_config_dir, write_single_file
 
 
 def test_prompt_goes_through_tokenizer_and_text_encoder(tiny_base_dir):
@@ -38,16 +38,9 @@ def test_generator_uses_stored_embedding_else_empty_prompt_else_given_prompt(tin
 
 
 def test_single_file_without_text_encoder_needs_a_stored_embedding(tmp_path, tiny_base_dir):
-    import json
-    import shutil
-
     from d3sr_core.backbones.sd2 import SHIPPED_CONFIG_DIR
 
-    config = tmp_path / "config"
-    config.mkdir()
-    (config / "unet.json").write_text(json.dumps(dict(tiny_unet().config)))
-    (config / "vae.json").write_text(json.dumps(dict(tiny_vae().config)))
-    shutil.copy(SHIPPED_CONFIG_DIR / "scheduler.json", config / "scheduler.json")
+    config = write_base_config_dir(tmp_path / "config", SHIPPED_CONFIG_DIR, unet=tiny_unet(), vae=tiny_vae())
     write_single_file(tmp_path / "base.safetensors", tiny_unet(), tiny_vae())
     plain = OneStepCheckpoint("none", "sd2", "epsilon", 999, [], {})
     with pytest.raises(ValueError, match="has no text encoder, so the prompt '' cannot be encoded"):

@@ -5,9 +5,7 @@ Stability's reference files and diffusers' single-file tables), independent of t
 give the same image as the same weights saved as a diffusers folder, in the dtype they are stored in.
 """
 
-import json
 import re
-import shutil
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from d3sr_core.checkpoints import build_generator, load_checkpoint
 from d3sr_core.files import ModelFileError
 from d3sr_core.options import UpscaleOptions
 from d3sr_core.pipeline import Upscaler
-from tiny_models import random_image, tiny_sd3_transformer, tiny_sd3_vae, vae_key_to_ldm, write_tsdsr_dir
+from tiny_models import random_image, tiny_sd3_transformer, tiny_sd3_vae, vae_key_to_ldm, write_base_config_dir, write_tsdsr_dir
 
 OPTIONS = UpscaleOptions(scale=1, min_process_side=0, tile_size=0, vae_encoder_tile_size=0, vae_decoder_tile_size=0,
                          color_fix="none")
@@ -110,11 +108,8 @@ def write_stability_file(path, transformer, vae, *, text_encoders: bool = False,
 
 @pytest.fixture(scope="module")
 def tiny_sd3_config_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd3_config")
-    (folder / "transformer.json").write_text(json.dumps(dict(tiny_sd3_transformer().config)))
-    (folder / "vae.json").write_text(json.dumps(dict(tiny_sd3_vae().config)))
-    shutil.copy(SHIPPED_CONFIG_DIR / "scheduler.json", folder / "scheduler.json")
-    return folder
+    return write_base_config_dir(tmp_path_factory.mktemp("sd3_config"), SHIPPED_CONFIG_DIR, transformer=tiny_sd3_transformer(),
+                                 vae=tiny_sd3_vae())
 
 
 @pytest.fixture(scope="module")

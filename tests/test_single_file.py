@@ -1,8 +1,5 @@
 """A base written as one file in the original SD key layout gives the same output as the same weights as a diffusers folder."""
 
-import json
-import shutil
-
 import pytest
 import torch
 
@@ -12,7 +9,10 @@ from d3sr_core.checkpoints import build_generator, convert_checkpoint, load_chec
 from d3sr_core.files import ModelFileError
 from d3sr_core.options import UpscaleOptions
 from d3sr_core.pipeline import Upscaler
-from tiny_models import TINY_UNET, TINY_VAE, random_image, tiny_text_encoder, tiny_unet, tiny_vae, write_osediff_pkl, write_single_file
+from tiny_models import (
+    TINY_UNET, TINY_VAE, random_image, tiny_text_encoder, tiny_unet, tiny_vae, write_base_config_dir, write_osediff_pkl,
+    write_single_file,
+)
 
 OPTIONS = UpscaleOptions(scale=1, min_process_side=0, tile_size=0, vae_encoder_tile_size=0, vae_decoder_tile_size=0,
                          color_fix="none")
@@ -20,11 +20,7 @@ OPTIONS = UpscaleOptions(scale=1, min_process_side=0, tile_size=0, vae_encoder_t
 
 @pytest.fixture(scope="module")
 def tiny_config_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_config")
-    (folder / "unet.json").write_text(json.dumps(dict(tiny_unet().config)))
-    (folder / "vae.json").write_text(json.dumps(dict(tiny_vae().config)))
-    shutil.copy(SHIPPED_CONFIG_DIR / "scheduler.json", folder / "scheduler.json")
-    return folder
+    return write_base_config_dir(tmp_path_factory.mktemp("tiny_config"), SHIPPED_CONFIG_DIR, unet=tiny_unet(), vae=tiny_vae())
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,16 @@ def tiny_tokenizer(folder: Path):
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!", model_max_length=77)
 
 
+def write_base_config_dir(folder: Path, scheduler_dir: Path, **modules) -> Path:
+    """A ``--base-config`` folder: each module's config as ``<name>.json`` (``unet`` or ``transformer``, ``vae``),
+    beside the ``scheduler.json`` shipped in ``scheduler_dir``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, module in modules.items():
+        (folder / f"{name}.json").write_text(json.dumps(dict(module.config)))
+    shutil.copy(scheduler_dir / "scheduler.json", folder / "scheduler.json")
+    return folder
+
+
 def write_diffusers_base(folder: Path) -> Path:
     """A diffusers SD 2.x folder of tiny models, with a tokenizer and a text encoder."""
     tiny_unet().save_pretrained(folder / "unet")
